@@ -1,0 +1,715 @@
+"""The bundle manifest (``hellofmt.json``): typed dataclasses, JSON round trip, validation.
+
+The normative description is ``spec/hellofmt-v1.md``; ``spec/manifest.schema.json`` is its JSON
+Schema. Validation here is hand-written rather than schema-driven so that every error names the
+field path and the fix, e.g. ``foundation.weights_sha256: expected 64 hex characters``.
+
+Versioning: ``format_version`` is ``"MAJOR.MINOR"``. A reader refuses a newer MAJOR; fields it does
+not know are kept (in each object's ``extra``) and written back unchanged, so a round trip through
+an older reader loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import FormatVersionError, ManifestError
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "MAX_MANIFEST_BYTES",
+    "MAX_IMAGE_SIDE",
+    "MAX_IMAGE_COUNT",
+    "MAX_SHARD_BYTES",
+    "CODECS",
+    "FileEntry",
+    "Foundation",
+    "Head",
+    "LowRankTarget",
+    "HeadDelta",
+    "ProjectorInfo",
+    "Shard",
+    "ImagesInfo",
+    "LabelRecipe",
+    "Provenance",
+    "ProbeView",
+    "Probe",
+    "Manifest",
+]
+
+FORMAT_NAME = "hellofmt"
+FORMAT_VERSION = "1.0"
+FORMAT_MAJOR = 1
+MANIFEST_NAME = "hellofmt.json"
+
+# Limits (spec section "Limits"). They bound what a reader allocates before any hash is checked.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_IMAGE_SIDE = 4096
+MAX_IMAGE_COUNT = 10_000_000
+MAX_SHARD_BYTES = 4 * 1024**3
+MAX_CLASSES = 100_000
+
+CODECS = ("png", "jpeg", "webp", "raw")
+FOUNDATION_SOURCES = ("pretrained", "hf-hub", "file", "embedded")
+MIX_MODES = ("none", "cutmix", "mixup", "cutmix-mixup")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_VERSION = re.compile(r"^(\d+)\.(\d+)$")
+
+
+# --------------------------------------------------------------------------------------------------
+# A small typed reader: each accessor names the full field path in its error.
+# --------------------------------------------------------------------------------------------------
+class _Reader:
+    def __init__(self, obj: Any, path: str, file: str | None, known: tuple[str, ...] = ()):
+        if not isinstance(obj, dict):
+            raise ManifestError(
+                f"expected an object, got {_kind(obj)}", file=file, field=path or "<root>"
+            )
+        self.obj = obj
+        self.path = path
+        self.file = file
+        self.known = known
+
+    def _p(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str, fix: str | None = None) -> ManifestError:
+        return ManifestError(message, file=self.file, field=self._p(key), fix=fix)
+
+    def has(self, key: str) -> bool:
+        return key in self.obj and self.obj[key] is not None
+
+    def raw(self, key: str, required: bool = True) -> Any:
+        if key not in self.obj or self.obj[key] is None:
+            if required:
+                raise self.error(key, "missing required field", "rebuild the bundle with hellofmt build")
+            return None
+        return self.obj[key]
+
+    def str(self, key: str, required: bool = True, choices: tuple[str, ...] | None = None):
+        v = self.raw(key, required)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            raise self.error(key, f"expected a string, got {_kind(v)}")
+        if choices is not None and v not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    def int(self, key: str, required: bool = True, lo: int | None = None, hi: int | None = None):
+        v = self.raw(key, required)
+        if v is None:
+            return None
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.error(key, f"expected an integer, got {_kind(v)}")
+        if lo is not None and v < lo:
+            raise self.error(key, f"expected an integer >= {lo}, got {v}")
+        if hi is not None and v > hi:
+            raise self.error(key, f"expected an integer <= {hi}, got {v}")
+        return v
+
+    def float(self, key: str, required: bool = True, positive: bool = False):
+        v = self.raw(key, required)
+        if v is None:
+            return None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise self.error(key, f"expected a finite number, got {_kind(v)}")
+        if positive and v <= 0:
+            raise self.error(key, f"expected a number > 0, got {v}")
+        return float(v)
+
+    def bool(self, key: str, required: bool = True, default: bool = False):
+        v = self.raw(key, required)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.error(key, f"expected true or false, got {_kind(v)}")
+        return v
+
+    def list(self, key: str, required: bool = True) -> list | None:
+        v = self.raw(key, required)
+        if v is None:
+            return None
+        if not isinstance(v, list):
+            raise self.error(key, f"expected a list, got {_kind(v)}")
+        return v
+
+    def str_list(self, key: str, required: bool = True, nonempty: bool = False):
+        v = self.list(key, required)
+        if v is None:
+            return None
+        for i, s in enumerate(v):
+            if not isinstance(s, str):
+                raise ManifestError(
+                    f"expected a string, got {_kind(s)}", file=self.file, field=f"{self._p(key)}[{i}]"
+                )
+        if nonempty and not v:
+            raise self.error(key, "expected a non-empty list")
+        return list(v)
+
+    def float_list(self, key: str, length: int | None = None, required: bool = True):
+        v = self.list(key, required)
+        if v is None:
+            return None
+        if length is not None and len(v) != length:
+            raise self.error(key, f"expected {length} numbers, got {len(v)}")
+        out = []
+        for i, x in enumerate(v):
+            if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+                raise ManifestError(
+                    f"expected a finite number, got {_kind(x)}", file=self.file, field=f"{self._p(key)}[{i}]"
+                )
+            out.append(float(x))
+        return out
+
+    def int_list(self, key: str, required: bool = True, lo: int | None = None):
+        v = self.list(key, required)
+        if v is None:
+            return None
+        for i, x in enumerate(v):
+            if not isinstance(x, int) or isinstance(x, bool) or (lo is not None and x < lo):
+                want = "an integer" if lo is None else f"an integer >= {lo}"
+                raise ManifestError(
+                    f"expected {want}, got {x!r}", file=self.file, field=f"{self._p(key)}[{i}]"
+                )
+        return list(v)
+
+    def dict(self, key: str, required: bool = True) -> dict | None:
+        v = self.raw(key, required)
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise self.error(key, f"expected an object, got {_kind(v)}")
+        return v
+
+    def sub(self, key: str, required: bool = True, known: tuple[str, ...] = ()) -> "_Reader | None":
+        v = self.raw(key, required)
+        if v is None:
+            return None
+        return _Reader(v, self._p(key), self.file, known)
+
+    def extra(self, known: tuple[str, ...]) -> dict:
+        return {k: v for k, v in self.obj.items() if k not in known}
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return f"the number {v!r}"
+    if isinstance(v, str):
+        return f"the string {v!r}" if len(v) < 40 else "a string"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, dict):
+        return "an object"
+    return type(v).__name__
+
+
+def _names(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls) if f.name != "extra")
+
+
+def _to_dict(obj) -> dict:
+    """Dataclass to a JSON-ready dict; ``None`` optional fields are omitted, ``extra`` is merged."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        if f.name == "extra":
+            continue
+        v = getattr(obj, f.name)
+        if v is None:
+            continue
+        out[f.name] = _plain(v)
+    out.update(getattr(obj, "extra", {}) or {})
+    return out
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "__dataclass_fields__"):
+        return _to_dict(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def check_file_name(name: str, file: str | None = None, field_path: str = "files") -> str:
+    """Refuse names that could escape the bundle directory: absolute, ``..``, backslashes, empty.
+
+    Bundle file names are flat (no sub-directories) in format v1.
+    """
+    bad = (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or name.startswith("~")
+        or os.path.isabs(name)
+        or ":" in name
+    )
+    if bad:
+        raise ManifestError(
+            f"unsafe file name {name!r}: bundle files are plain names inside the bundle directory",
+            file=file,
+            field=field_path,
+            fix="file names may not contain '/', '\\', '..' or ':' nor be absolute",
+        )
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class FileEntry:
+    """Size and sha256 of one file of the bundle (over its exact bytes on disk)."""
+
+    sha256: str
+    size: int
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "FileEntry":
+        sha = r.str("sha256")
+        if not _HEX64.match(sha):
+            raise r.error("sha256", "expected 64 lowercase hex characters")
+        return cls(sha256=sha, size=r.int("size", lo=0), extra=r.extra(_names(cls)))
+
+
+@dataclass
+class Foundation:
+    """Pinned reference to the open_clip foundation model the projector adapts.
+
+    ``weights_sha256`` is the canonical *fingerprint* of the weights (spec: "Foundation
+    fingerprint"): sha256 over the sorted tensor names, dtypes, shapes and bytes, independent of the
+    file format the weights came in.
+    """
+
+    architecture: str
+    source: str  # pretrained | hf-hub | file | embedded
+    weights_sha256: str
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    library: str = "open_clip"
+    pretrained: str | None = None  # open_clip pretrained tag, source == "pretrained"
+    hf_hub_id: str | None = None  # "org/repo", source == "hf-hub"
+    weights_file: str | None = None  # file name; inside the bundle when source == "embedded"
+    model_config: dict | None = None  # full open_clip model config when not built into open_clip
+    library_version: str | None = None
+    interpolation: str = "bicubic"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "Foundation":
+        source = r.str("source", choices=FOUNDATION_SOURCES)
+        sha = r.str("weights_sha256")
+        if not _HEX64.match(sha):
+            raise r.error("weights_sha256", "expected 64 hex characters", "rebuild the bundle")
+        f = cls(
+            library=r.str("library", choices=("open_clip",)),
+            architecture=r.str("architecture"),
+            source=source,
+            weights_sha256=sha,
+            image_size=r.int("image_size", lo=8, hi=MAX_IMAGE_SIDE),
+            mean=r.float_list("mean", 3),
+            std=r.float_list("std", 3),
+            pretrained=r.str("pretrained", required=source == "pretrained"),
+            hf_hub_id=r.str("hf_hub_id", required=source == "hf-hub"),
+            weights_file=r.str("weights_file", required=source == "embedded"),
+            model_config=r.dict("model_config", required=False),
+            library_version=r.str("library_version", required=False),
+            interpolation=r.str("interpolation", required=False, choices=("bicubic", "bilinear")) or "bicubic",
+            extra=r.extra(_names(cls)),
+        )
+        if any(s <= 0 for s in f.std):
+            raise r.error("std", "expected positive numbers")
+        if source == "embedded":
+            check_file_name(f.weights_file, r.file, r._p("weights_file"))
+        return f
+
+
+@dataclass
+class Head:
+    """The zero-shot head: text embeddings of ``templates`` x class names, recomputed at load."""
+
+    templates: list[str]
+    logit_scale: float
+    source: str = "zeroshot"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "Head":
+        templates = r.str_list("templates", nonempty=True)
+        for i, t in enumerate(templates):
+            if "{}" not in t and "{c}" not in t:
+                raise ManifestError(
+                    "template has no '{}' placeholder for the class name", file=r.file, field=f"{r._p('templates')}[{i}]"
+                )
+        return cls(
+            source=r.str("source", choices=("zeroshot",)),
+            templates=templates,
+            logit_scale=r.float("logit_scale", positive=True),
+            extra=r.extra(_names(cls)),
+        )
+
+
+@dataclass
+class LowRankTarget:
+    """One adapted foundation parameter: ``dW = lora_B @ lora_A * alpha / rank``."""
+
+    name: str
+    rank: int
+    alpha: float
+    shape: list[int]  # shape of the foundation parameter the delta is added to
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "LowRankTarget":
+        return cls(
+            name=r.str("name"),
+            rank=r.int("rank", lo=1, hi=4096),
+            alpha=r.float("alpha", positive=True),
+            shape=r.int_list("shape", lo=1),
+            extra=r.extra(_names(cls)),
+        )
+
+
+@dataclass
+class HeadDelta:
+    rank: int
+    alpha: float
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "HeadDelta":
+        return cls(rank=r.int("rank", lo=1, hi=4096), alpha=r.float("alpha", positive=True), extra=r.extra(_names(cls)))
+
+
+@dataclass
+class ProjectorInfo:
+    """Where the low-rank deltas live and what they adapt."""
+
+    targets: list[LowRankTarget]
+    file: str = "projector.safetensors"
+    dtype: str = "float32"
+    head: HeadDelta | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "ProjectorInfo":
+        targets = []
+        for i, t in enumerate(r.list("targets")):
+            targets.append(LowRankTarget.parse(_Reader(t, f"{r._p('targets')}[{i}]", r.file)))
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise r.error("targets", "a parameter is listed twice")
+        file = r.str("file")
+        check_file_name(file, r.file, r._p("file"))
+        head = r.sub("head", required=False)
+        return cls(
+            file=file,
+            dtype=r.str("dtype", choices=("float32", "float16", "bfloat16")),
+            targets=targets,
+            head=HeadDelta.parse(head) if head else None,
+            extra=r.extra(_names(cls)),
+        )
+
+
+@dataclass
+class Shard:
+    file: str
+    count: int
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "Shard":
+        file = r.str("file")
+        check_file_name(file, r.file, r._p("file"))
+        return cls(file=file, count=r.int("count", lo=0, hi=MAX_IMAGE_COUNT), extra=r.extra(_names(cls)))
+
+
+@dataclass
+class ImagesInfo:
+    """The synthetic images: all ``height`` x ``width`` RGB, sharded, encoded with ``codec``."""
+
+    count: int
+    codec: str
+    height: int
+    width: int
+    shards: list[Shard]
+    per_class: list[int]
+    quality: int | None = None  # jpeg / webp only
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "ImagesInfo":
+        shards = [Shard.parse(_Reader(s, f"{r._p('shards')}[{i}]", r.file)) for i, s in enumerate(r.list("shards"))]
+        info = cls(
+            count=r.int("count", lo=0, hi=MAX_IMAGE_COUNT),
+            codec=r.str("codec", choices=CODECS),
+            quality=r.int("quality", required=False, lo=1, hi=100),
+            height=r.int("height", lo=1, hi=MAX_IMAGE_SIDE),
+            width=r.int("width", lo=1, hi=MAX_IMAGE_SIDE),
+            shards=shards,
+            per_class=r.int_list("per_class", lo=0),
+            extra=r.extra(_names(cls)),
+        )
+        if sum(s.count for s in shards) != info.count:
+            raise r.error("shards", f"shard counts add up to {sum(s.count for s in shards)}, not count={info.count}")
+        if sum(info.per_class) != info.count:
+            raise r.error("per_class", f"per-class counts add up to {sum(info.per_class)}, not count={info.count}")
+        return info
+
+
+@dataclass
+class LabelRecipe:
+    """How labels are meant to be generated at training time (the builder's defaults)."""
+
+    temperature: float = 1.0
+    augmentation: str = "random-resized-crop+flip"
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    mix: str = "cutmix"
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "LabelRecipe":
+        rec = cls(
+            temperature=r.float("temperature", positive=True),
+            augmentation=r.str("augmentation"),
+            scale=r.float_list("scale", 2),
+            ratio=r.float_list("ratio", 2),
+            mix=r.str("mix", choices=MIX_MODES),
+            extra=r.extra(_names(cls)),
+        )
+        if not (0 < rec.scale[0] <= rec.scale[1] <= 1):
+            raise r.error("scale", "expected 0 < min <= max <= 1")
+        if not (0 < rec.ratio[0] <= rec.ratio[1]):
+            raise r.error("ratio", "expected 0 < min <= max")
+        return rec
+
+
+@dataclass
+class Provenance:
+    hellofmt_version: str
+    created: str  # ISO 8601, UTC
+    teachers: list[str] = field(default_factory=list)
+    build_args: dict = field(default_factory=dict)
+    seed: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "Provenance":
+        return cls(
+            hellofmt_version=r.str("hellofmt_version"),
+            created=r.str("created"),
+            teachers=r.str_list("teachers", required=False) or [],
+            build_args=r.dict("build_args", required=False) or {},
+            seed=r.int("seed", required=False),
+            extra=r.extra(_names(cls)),
+        )
+
+
+@dataclass
+class ProbeView:
+    """One fixed view: image ``image``, crop ``box`` (x0, y0, x1, y1 as fractions), optional flip,
+    resampled to ``size`` x ``size``; with the projector's top-k logits on it."""
+
+    image: int
+    box: list[float]
+    flip: bool
+    topk_indices: list[int]
+    topk_logits: list[float]
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "ProbeView":
+        v = cls(
+            image=r.int("image", lo=0),
+            box=r.float_list("box", 4),
+            flip=r.bool("flip"),
+            topk_indices=r.int_list("topk_indices", lo=0),
+            topk_logits=r.float_list("topk_logits"),
+            extra=r.extra(_names(cls)),
+        )
+        x0, y0, x1, y1 = v.box
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise r.error("box", "expected 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        if len(v.topk_indices) != len(v.topk_logits) or not v.topk_indices:
+            raise r.error("topk_logits", "expected as many logits as indices (at least one)")
+        return v
+
+
+@dataclass
+class Probe:
+    """The projector's outputs on a few fixed views, so a loader can prove it reproduces them."""
+
+    size: int
+    atol: float
+    views: list[ProbeView]
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "Probe":
+        return cls(
+            size=r.int("size", lo=8, hi=MAX_IMAGE_SIDE),
+            atol=r.float("atol", positive=True),
+            views=[ProbeView.parse(_Reader(v, f"{r._p('views')}[{i}]", r.file)) for i, v in enumerate(r.list("views"))],
+            extra=r.extra(_names(cls)),
+        )
+
+
+@dataclass
+class Manifest:
+    """The whole manifest. ``files`` maps every file of the bundle except the manifest itself (and
+    an optional ``README.md`` dataset card) to its size and sha256."""
+
+    classes: list[str]
+    foundation: Foundation
+    head: Head
+    projector: ProjectorInfo
+    images: ImagesInfo
+    labels: LabelRecipe
+    provenance: Provenance
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    probe: Probe | None = None
+    format: str = FORMAT_NAME
+    format_version: str = FORMAT_VERSION
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    # ---- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = _to_dict(self)
+        d["files"] = {k: _to_dict(v) for k, v in sorted(self.files.items())}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, file: str | None = None) -> "Manifest":
+        if isinstance(text, bytes):
+            if len(text) > MAX_MANIFEST_BYTES:
+                raise ManifestError(
+                    f"manifest is {len(text)} bytes, over the {MAX_MANIFEST_BYTES}-byte limit", file=file
+                )
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ManifestError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=file) from None
+        try:
+            obj = json.loads(text, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, ValueError) as e:
+            raise ManifestError(f"not valid JSON: {e}", file=file, fix="the manifest must be a JSON object") from None
+        return cls.from_dict(obj, file=file)
+
+    @classmethod
+    def from_dict(cls, obj: Any, file: str | None = None) -> "Manifest":
+        r = _Reader(obj, "", file)
+        fmt = r.str("format")
+        if fmt != FORMAT_NAME:
+            raise r.error("format", f"expected {FORMAT_NAME!r}, got {fmt!r}", "this is not a hellofmt bundle")
+        version = r.str("format_version")
+        m = _VERSION.match(version)
+        if not m:
+            raise r.error("format_version", f"expected 'MAJOR.MINOR', got {version!r}")
+        if int(m.group(1)) > FORMAT_MAJOR:
+            raise FormatVersionError(
+                f"format version {version} is newer than this hellofmt reads ({FORMAT_VERSION})",
+                file=file,
+                field="format_version",
+                fix="upgrade hellofmt: pip install -U hellofmt",
+            )
+        if int(m.group(1)) < 1:
+            raise r.error("format_version", f"unknown format version {version}")
+        classes = r.str_list("classes", nonempty=True)
+        if len(classes) > MAX_CLASSES:
+            raise r.error("classes", f"{len(classes)} classes is over the limit of {MAX_CLASSES}")
+        if len(set(classes)) != len(classes):
+            dup = sorted({c for c in classes if classes.count(c) > 1})[:3]
+            raise r.error("classes", f"class names must be unique; repeated: {dup}")
+        files_r = r.sub("files")
+        files = {}
+        for name in files_r.obj:
+            check_file_name(name, file, f"files.{name}")
+            files[name] = FileEntry.parse(files_r.sub(name))
+        probe = r.sub("probe", required=False)
+        metrics = r.dict("metrics", required=False) or {}
+        for k, v in metrics.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ManifestError(f"expected a number, got {_kind(v)}", file=file, field=f"metrics.{k}")
+        man = cls(
+            format=fmt,
+            format_version=version,
+            classes=classes,
+            foundation=Foundation.parse(r.sub("foundation")),
+            head=Head.parse(r.sub("head")),
+            projector=ProjectorInfo.parse(r.sub("projector")),
+            images=ImagesInfo.parse(r.sub("images")),
+            labels=LabelRecipe.parse(r.sub("labels")),
+            provenance=Provenance.parse(r.sub("provenance")),
+            files=files,
+            metrics={k: float(v) for k, v in metrics.items()},
+            probe=Probe.parse(probe) if probe else None,
+            extra=r.extra(_names(cls)),
+        )
+        man._check_cross_fields(file)
+        return man
+
+    def validate(self, file: str | None = None) -> "Manifest":
+        """Validate an in-memory manifest exactly as a reader would; returns it for chaining."""
+        return Manifest.from_dict(json.loads(self.to_json()), file=file)
+
+    def _check_cross_fields(self, file: str | None) -> None:
+        if len(self.images.per_class) != self.num_classes:
+            raise ManifestError(
+                f"has {len(self.images.per_class)} entries for {self.num_classes} classes",
+                file=file,
+                field="images.per_class",
+            )
+        listed = set(self.files)
+        needed = [self.projector.file, *(s.file for s in self.images.shards)]
+        if self.foundation.source == "embedded":
+            needed.append(self.foundation.weights_file)
+        for name in needed:
+            if name not in listed:
+                raise ManifestError(
+                    f"{name!r} is used but has no entry in files", file=file, field="files", fix="rebuild the bundle"
+                )
+        if self.probe is not None:
+            for i, v in enumerate(self.probe.views):
+                if v.image >= self.images.count:
+                    raise ManifestError(
+                        f"image {v.image} is out of range for {self.images.count} images",
+                        file=file,
+                        field=f"probe.views[{i}].image",
+                    )
+                bad = [c for c in v.topk_indices if c >= self.num_classes]
+                if bad:
+                    raise ManifestError(
+                        f"class index {bad[0]} is out of range for {self.num_classes} classes",
+                        file=file,
+                        field=f"probe.views[{i}].topk_indices",
+                    )
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not allowed in JSON")

@@ -1,0 +1,51 @@
+"""Shared test set-up.
+
+The Hugging Face and torch caches are pointed at a throw-away folder *before* anything imports
+huggingface_hub (which reads its settings from the environment once, at import), so no test ever
+reads or writes ``~/.cache``. The tiny open_clip configs in ``tests/data/`` are registered with
+open_clip's model registry, so tests build real open_clip models in milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+_CACHE_ROOT = Path(tempfile.mkdtemp(prefix="hellofmt-test-cache-"))
+for _var, _sub in {
+    "HF_HOME": "hf",
+    "HF_HUB_CACHE": "hf/hub",
+    "HF_DATASETS_CACHE": "hf/datasets",
+    "TORCH_HOME": "torch",
+    "XDG_CACHE_HOME": "xdg",
+}.items():
+    os.environ[_var] = str(_CACHE_ROOT / _sub)
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.pop("HF_TOKEN", None) if not os.environ.get("HELLOFMT_LIVE_HUB") else None
+
+import pytest  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+TINY_VIT = "hf-test-tiny-vit"
+TINY_RN = "hf-test-tiny-rn"
+
+
+def _register_tiny_configs() -> None:
+    import open_clip
+
+    open_clip.add_model_config(DATA)
+
+
+_register_tiny_configs()
+
+
+@pytest.fixture(autouse=True)
+def _no_home_cache(monkeypatch, tmp_path_factory):
+    """Each test sees the throw-away caches; a test that sets HF_HUB_OFFLINE gets it undone."""
+    yield
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
