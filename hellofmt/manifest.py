@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import FormatVersionError, ManifestError
+from .errors import FormatVersionError, ManifestError, UnsafePathError
 
 __all__ = [
     "FORMAT_NAME",
@@ -29,6 +29,8 @@ __all__ = [
     "MAX_IMAGE_COUNT",
     "MAX_SHARD_BYTES",
     "CODECS",
+    "UnsafeFileNameError",
+    "check_file_name",
     "FileEntry",
     "Foundation",
     "Head",
@@ -243,6 +245,11 @@ def _plain(v: Any) -> Any:
     return v
 
 
+class UnsafeFileNameError(UnsafePathError, ManifestError):
+    """A manifest names a file that could escape the bundle (``..``, absolute, ``/``): both an
+    :class:`UnsafePathError` (what it is) and a :class:`ManifestError` (where it was found)."""
+
+
 def check_file_name(name: str, file: str | None = None, field_path: str = "files") -> str:
     """Refuse names that could escape the bundle directory: absolute, ``..``, backslashes, empty.
 
@@ -260,7 +267,7 @@ def check_file_name(name: str, file: str | None = None, field_path: str = "files
         or ":" in name
     )
     if bad:
-        raise ManifestError(
+        raise UnsafeFileNameError(
             f"unsafe file name {name!r}: bundle files are plain names inside the bundle directory",
             file=file,
             field=field_path,
@@ -378,13 +385,16 @@ class LowRankTarget:
 
     @classmethod
     def parse(cls, r: _Reader) -> "LowRankTarget":
-        return cls(
+        t = cls(
             name=r.str("name"),
             rank=r.int("rank", lo=1, hi=4096),
             alpha=r.float("alpha", positive=True),
             shape=r.int_list("shape", lo=1),
             extra=r.extra(_names(cls)),
         )
+        if not t.shape:
+            raise r.error("shape", "expected at least one dimension (the parameter's output size)")
+        return t
 
 
 @dataclass
@@ -467,6 +477,9 @@ class ImagesInfo:
             per_class=r.int_list("per_class", lo=0),
             extra=r.extra(_names(cls)),
         )
+        files = [s.file for s in shards]
+        if len(set(files)) != len(files):
+            raise r.error("shards", "a shard file is listed twice")
         if sum(s.count for s in shards) != info.count:
             raise r.error("shards", f"shard counts add up to {sum(s.count for s in shards)}, not count={info.count}")
         if sum(info.per_class) != info.count:
@@ -643,6 +656,8 @@ class Manifest:
         classes = r.str_list("classes", nonempty=True)
         if len(classes) > MAX_CLASSES:
             raise r.error("classes", f"{len(classes)} classes is over the limit of {MAX_CLASSES}")
+        if any(not c for c in classes):
+            raise r.error("classes", f"class {classes.index('')} has an empty name", "every class needs a name")
         if len(set(classes)) != len(classes):
             dup = sorted({c for c in classes if classes.count(c) > 1})[:3]
             raise r.error("classes", f"class names must be unique; repeated: {dup}")
