@@ -6,4 +6,18 @@ __version__ = "0.1.0"
 
 from .errors import HellofmtError  # noqa: E402
 
-__all__ = ["__version__", "HellofmtError"]
+__all__ = ["__version__", "HellofmtError", "DistilledDataset"]
+
+
+def __getattr__(name: str):
+    # DistilledDataset pulls in torch and open_clip; importing it lazily keeps `import hellofmt`
+    # (and the CLI's start-up) light.
+    if name == "DistilledDataset":
+        from .dataset import DistilledDataset
+
+        return DistilledDataset
+    raise AttributeError(f"module 'hellofmt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "DistilledDataset"])

@@ -49,3 +49,13 @@ def _no_home_cache(monkeypatch, tmp_path_factory):
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory) -> Path:
+    """A real bundle (tiny ViT foundation embedded, random deltas, 3 classes x 2 images of 32x32,
+    probe recorded), built once per session by ``tests/bundles.py``. Treat it as read-only: copy it
+    (``shutil.copytree``) before altering anything."""
+    from bundles import make_tiny_bundle
+
+    return make_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle") / "bundle")

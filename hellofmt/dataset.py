@@ -1,0 +1,573 @@
+"""``DistilledDataset``: a distilled image set whose soft labels are computed on the fly.
+
+A bundle stores images and a projector, never labels. Opening one decodes every image once into a
+single uint8 tensor on the device and assembles the projector with its deltas merged into the
+weights, so a label costs one plain encoder forward. :meth:`DistilledDataset.loader` then produces,
+per batch and entirely on the device, the student's augmented view (random resized crop and flip
+as one batched resampling, optional CutMix/MixUp), the projector's soft label for exactly that view
+and the hard label. There is no per-sample Python and no host round trip in that path.
+
+``ds[i]`` returns a CPU ``(uint8 CHW tensor, class)`` pair, so a plain
+``torch.utils.data.DataLoader`` works too for users with their own pipeline, who then call
+:meth:`DistilledDataset.label` on their batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import BundleNotFoundError, InputError
+from .manifest import MANIFEST_NAME, MAX_IMAGE_SIDE, MIX_MODES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bundle import Bundle
+    from .projector import Projector
+
+__all__ = ["DistilledDataset", "DistilledLoader", "shard_indices", "resolve_distributed", "format_bytes"]
+
+logger = logging.getLogger(__name__)
+
+# Images stay on the device only when they take at most this share of its free memory: the
+# projector's activations and the student need the rest.
+DEVICE_MEMORY_FRACTION = 0.5
+DEFAULT_LABEL_BATCH = 256
+# Training views take augment's fused grid_sample path: 2-4x faster on the CPU than the float64
+# separable one, and its ~3e-5 round-off is far below what a random crop changes. The probe keeps
+# the exact path, where builder and loader must agree to the last bit that matters.
+_EXACT = False
+
+
+def format_bytes(n: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``: memory sizes for log lines."""
+    x = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if x < 1024 or unit == "GiB":
+            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} GiB"  # pragma: no cover
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def resolve_distributed(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: the arguments, or ``torch.distributed``'s where left ``None``.
+
+    Without an initialised process group the defaults are ``(0, 1)``. Raises :class:`InputError`
+    when ``world_size < 1`` or ``rank`` is not in ``[0, world_size)``.
+    """
+    dist_on = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if world_size is None:
+        world_size = torch.distributed.get_world_size() if dist_on else 1
+    if rank is None:
+        rank = torch.distributed.get_rank() if dist_on else 0
+    if not _is_int(world_size) or world_size < 1:
+        raise InputError(f"world_size must be an integer >= 1, got {world_size!r}", field="world_size")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise InputError(
+            f"rank must be an integer in [0, {world_size}), got {rank!r}",
+            field="rank",
+            fix="pass rank < world_size, or leave both to torch.distributed",
+        )
+    return rank, world_size
+
+
+def shard_indices(
+    n: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+) -> torch.Tensor:
+    """The image indices (int64, CPU) one rank visits in one epoch, like ``DistributedSampler``.
+
+    All ranks draw the same permutation (from ``seed + epoch``) and take every ``world_size``-th
+    element starting at ``rank``, so shards are disjoint and together cover the set. When ``n`` is
+    not a multiple of ``world_size``: ``drop_last=False`` pads the permutation with its own first
+    elements (so a few images appear twice in that epoch, on different ranks, and every rank gets
+    the same count), ``drop_last=True`` cuts the tail instead (a few images are skipped that
+    epoch). With one process nothing is padded or cut.
+    """
+    if shuffle:
+        g = torch.Generator()
+        g.manual_seed(int(seed) + int(epoch))
+        order = torch.randperm(n, generator=g)
+    else:
+        order = torch.arange(n)
+    if world_size > 1:
+        if drop_last:
+            order = order[: (n // world_size) * world_size]
+        else:
+            total = math.ceil(n / world_size) * world_size
+            if total > n and n > 0:
+                order = order.repeat(math.ceil(total / n))[:total]
+    return order[rank::world_size].contiguous()
+
+
+def _resolve_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"not a torch device: {device!r}", field="device", fix="use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but CUDA is not available", field="device", fix="use device='cpu'")
+    return dev
+
+
+def _check_pair(value, name: str, lo_open: bool = True) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be two numbers (min, max), got {value!r}", field=name) from None
+    if not (math.isfinite(a) and math.isfinite(b)) or not 0 < a <= b:
+        raise InputError(f"{name} must satisfy 0 < min <= max, got {value!r}", field=name)
+    return a, b
+
+
+class DistilledDataset:
+    """A distilled image set: images from a bundle, soft labels from its projector, on ``device``.
+
+    Args:
+        source: a local bundle directory, or a Hugging Face Hub dataset id (``user/name``), which is
+            downloaded (and cached) by :func:`hellofmt.hub.pull`.
+        device: where images live and labels are computed (default: ``"cuda"`` if available).
+        revision: Hub branch, tag or commit (Hub ids only).
+        verify: check every file's sha256 and the manifest's probe (the projector must reproduce
+            the builder's logits); ``False`` skips both, e.g. for a bundle already verified.
+        num_threads: threads used to decode the images (default: one per core).
+        label_batch_size: the largest batch :meth:`label` sends through the projector at once.
+        compile: ``torch.compile`` the projector.
+        check_fingerprint: refuse foundation weights whose fingerprint differs from the manifest's
+            (``False`` only warns; the probe still catches labels that would differ).
+        token: Hugging Face token for a private Hub repository (default: the logged-in one).
+
+    Attributes: ``bundle``, ``manifest``, ``projector``, ``images`` (uint8 ``[N,3,H,W]``),
+    ``targets`` (int64 ``[N]``), ``device``, ``memory_bytes`` (bytes the images and targets take),
+    ``image_storage`` (``"device"``, ``"pinned host"`` or ``"host"``).
+
+    ``ds[i]`` copies one image to the CPU. For a multi-worker ``torch.utils.data.DataLoader``, open
+    the dataset with ``device="cpu"`` (worker processes cannot share a parent's CUDA tensors) and
+    send its batches to :meth:`label` on the GPU; :meth:`loader` is the fast path.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike[str],
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        verify: bool = True,
+        *,
+        num_threads: int | None = None,
+        label_batch_size: int = DEFAULT_LABEL_BATCH,
+        compile: bool = False,
+        check_fingerprint: bool = True,
+        token: str | bool | None = None,
+    ) -> None:
+        from .bundle import Bundle
+        from .projector import Projector
+
+        if not _is_int(label_batch_size) or label_batch_size <= 0:
+            raise InputError(f"label_batch_size must be a positive integer, got {label_batch_size!r}", field="label_batch_size")
+        self.device = _resolve_device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.label_batch_size = label_batch_size
+        self.source = os.fspath(source)
+        path, pulled = self._resolve(self.source, revision, token)
+        # hub.pull has just checked every sha256; hashing the files a second time buys nothing.
+        self.bundle: Bundle = Bundle.open(path, verify=verify and not pulled)
+        self.manifest = self.bundle.manifest
+        self.path = Path(self.bundle.path)
+
+        images, targets = self.bundle.read_images(num_threads=num_threads)
+        # The projector goes on the device first, so that the images' placement sees the memory
+        # that is really left.
+        self.projector: Projector = Projector.from_bundle(
+            self.bundle, device=self.device, check_fingerprint=check_fingerprint, compile=compile
+        )
+        self.images, self.image_storage = self._place(images)
+        self.targets = targets.to(self.images.device)
+        # ds[i] reads labels from a CPU copy: one small tensor, and no device sync per item.
+        self._targets_cpu = targets.cpu()
+        self.memory_bytes = int(self.images.numel() * self.images.element_size() + self.targets.numel() * 8)
+        logger.info(
+            "hellofmt: %d images of %dx%d take %s in %s memory (%s)",
+            len(self),
+            self.images.shape[-2],
+            self.images.shape[-1],
+            format_bytes(self.memory_bytes),
+            self.image_storage,
+            self.images.device,
+        )
+        self.verified_probe = False
+        if verify:
+            from .probe import check_probe
+
+            probe = self.manifest.probe
+            if probe is None or not probe.views:
+                logger.warning("hellofmt: %s has no probe; its labels cannot be checked against the builder's", self.path)
+            else:
+                check_probe(
+                    self.projector,
+                    self.images,
+                    probe,
+                    file=str(self.path / MANIFEST_NAME),
+                    classes=self.manifest.classes,
+                )
+                self.verified_probe = True
+
+    # ---- opening ---------------------------------------------------------------------------------
+    @staticmethod
+    def _resolve(source: str, revision: str | None, token) -> tuple[Path, bool]:
+        if os.path.isdir(source):
+            if revision is not None:
+                raise InputError(
+                    f"revision={revision!r} was given but {source!r} is a local directory",
+                    field="revision",
+                    fix="revision applies to Hub ids only; drop it or pass a Hub id",
+                )
+            return Path(source), False
+        try:
+            from . import hub
+        except ImportError:  # pragma: no cover - hub module missing from a partial install
+            hub = None
+        if hub is not None and hub.is_hub_id(source):
+            return Path(hub.pull(source, revision=revision, token=token)), True
+        raise BundleNotFoundError(
+            "no bundle directory here, and not a Hub id (user/name)",
+            file=source,
+            fix="pass the path of a bundle directory (with hellofmt.json) or a Hub dataset id",
+        )
+
+    def _place(self, images: torch.Tensor) -> tuple[torch.Tensor, str]:
+        nbytes = images.numel() * images.element_size()
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            if nbytes <= DEVICE_MEMORY_FRACTION * free:
+                return images.to(self.device), "device"
+            logger.warning(
+                "hellofmt: images take %s, more than half of the %s free on %s; keeping them in pinned host memory",
+                format_bytes(nbytes),
+                format_bytes(free),
+                self.device,
+            )
+            try:
+                return images.pin_memory(), "pinned host"
+            except RuntimeError:  # pinning can fail under tight locked-memory limits
+                return images, "host"
+        if self.device.type == "cpu":
+            return images, "device"
+        return images.to(self.device), "device"
+
+    # ---- the dataset protocol --------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        """Image ``i`` as a CPU uint8 ``[3, H, W]`` tensor and its class index."""
+        if not _is_int(i) and not (isinstance(i, torch.Tensor) and i.numel() == 1 and not i.is_floating_point()):
+            raise TypeError(f"dataset index must be an integer, got {type(i).__name__}")
+        i = int(i)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"image index out of range for {n} images")
+        return self.images[i].cpu(), int(self._targets_cpu[i])
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in label order."""
+        return list(self.manifest.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.manifest.classes)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the stored images."""
+        return int(self.images.shape[-2]), int(self.images.shape[-1])
+
+    @property
+    def temperature(self) -> float:
+        """The label temperature of the bundle's recipe (the builder's default)."""
+        return float(self.manifest.labels.temperature)
+
+    def __repr__(self) -> str:
+        h, w = self.image_size
+        return (
+            f"DistilledDataset({str(self.path)!r}, images={len(self)}x{h}x{w}, classes={self.num_classes}, "
+            f"device={self.device}, memory={format_bytes(self.memory_bytes)} ({self.image_storage}))"
+        )
+
+    # ---- labels ----------------------------------------------------------------------------------
+    def label(self, images: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Projector logits ``[B, C]`` (float32, on ``ds.device``) for float images ``[B,3,h,w]`` in [0, 1].
+
+        Any ``h, w``: the projector resizes to its foundation's input size. Large batches go through
+        in chunks of ``label_batch_size`` to bound memory; the result does not depend on the split
+        beyond float rounding. With ``temperature`` the logits are divided by it (``softmax`` of the
+        result is then the soft label at that temperature). Bad input raises :class:`InputError`.
+        """
+        from .projector import check_label_input
+
+        check_label_input(images)
+        t = self._check_temperature(temperature) if temperature is not None else None
+        outs = []
+        with torch.no_grad():
+            for start in range(0, images.shape[0], self.label_batch_size):
+                chunk = images[start : start + self.label_batch_size].to(self.device, non_blocking=True)
+                outs.append(self.projector(chunk).float())
+        logits = torch.cat(outs) if outs else torch.empty(0, self.num_classes, device=self.device)
+        if t is not None:
+            logits = logits / t
+        return logits
+
+    def soft_label(self, images: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """``softmax(label(images) / T)``: soft labels ``[B, C]``; ``T`` defaults to the bundle's recipe."""
+        t = self.temperature if temperature is None else temperature
+        return torch.softmax(self.label(images, temperature=t), dim=1)
+
+    @staticmethod
+    def _check_temperature(t) -> float:
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise InputError(f"temperature must be a number > 0, got {t!r}", field="temperature")
+        return float(t)
+
+    # ---- the training loader ---------------------------------------------------------------------
+    def loader(
+        self,
+        batch_size: int = 256,
+        image_size: int = 224,
+        *,
+        scale: Sequence[float] | None = None,
+        ratio: Sequence[float] | None = None,
+        mix: str | None = None,
+        temperature: float | None = None,
+        flip: bool | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        epochs: int = 1,
+    ) -> DistilledLoader:
+        """A loader of ``(images [B,3,S,S] in [0,1], soft [B,C], hard [B] int64)`` batches on the device.
+
+        Each batch: the shard's next indices, one batched random-resized-crop + flip to
+        ``image_size`` (``scale``/``ratio`` as in torchvision), the optional ``mix`` (``"none"``,
+        ``"cutmix"``, ``"mixup"``, ``"cutmix-mixup"``), then ``soft = softmax(projector(view) / T)``
+        for that exact view; ``hard`` is the class of the image that dominates the view. ``scale``,
+        ``ratio``, ``mix``, ``temperature`` and ``flip`` (random horizontal flips; on when the
+        recipe's ``augmentation`` names ``flip``) default to the bundle's label recipe. ``rank``/``world_size``
+        default to ``torch.distributed``'s; see :func:`shard_indices` for how shards are cut and
+        padded (``drop_last=True`` also drops each rank's last incomplete batch, so every batch
+        has ``batch_size`` images). Iterating the loader runs ``epochs`` epochs from its current epoch and then advances
+        it; :meth:`DistilledLoader.set_epoch` sets it, as with ``DistributedSampler``. Batches are
+        a pure function of ``(seed, epoch, rank, world_size)``.
+        """
+        return DistilledLoader(
+            self,
+            batch_size=batch_size,
+            image_size=image_size,
+            scale=scale,
+            ratio=ratio,
+            mix=mix,
+            temperature=temperature,
+            flip=flip,
+            shuffle=shuffle,
+            seed=seed,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            epochs=epochs,
+        )
+
+
+class DistilledLoader:
+    """Iterable of on-device ``(images, soft, hard)`` batches; made by :meth:`DistilledDataset.loader`."""
+
+    def __init__(
+        self,
+        dataset: DistilledDataset,
+        *,
+        batch_size: int,
+        image_size: int,
+        scale,
+        ratio,
+        mix,
+        temperature,
+        flip: bool | None,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int | None,
+        world_size: int | None,
+        epochs: int,
+    ) -> None:
+        recipe = dataset.manifest.labels
+        if not _is_int(batch_size) or batch_size <= 0:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}", field="batch_size")
+        if not _is_int(image_size) or not 1 <= image_size <= MAX_IMAGE_SIDE:
+            raise InputError(f"image_size must be an integer in [1, {MAX_IMAGE_SIDE}], got {image_size!r}", field="image_size")
+        if not _is_int(seed):
+            raise InputError(f"seed must be an integer, got {seed!r}", field="seed")
+        if not _is_int(epochs) or epochs < 1:
+            raise InputError(f"epochs must be an integer >= 1, got {epochs!r}", field="epochs")
+        self.scale = _check_pair(recipe.scale if scale is None else scale, "scale")
+        if self.scale[1] > 1:
+            raise InputError(f"scale must be at most 1, got {scale!r}", field="scale")
+        self.ratio = _check_pair(recipe.ratio if ratio is None else ratio, "ratio")
+        self.mix = recipe.mix if mix is None else mix
+        if self.mix is False:
+            self.mix = "none"
+        if self.mix not in MIX_MODES:
+            raise InputError(f"mix must be one of {', '.join(MIX_MODES)}, got {mix!r}", field="mix")
+        self.temperature = DistilledDataset._check_temperature(recipe.temperature if temperature is None else temperature)
+        self.rank, self.world_size = resolve_distributed(rank, world_size)
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.flip = ("flip" in recipe.augmentation) if flip is None else bool(flip)
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.drop_last = bool(drop_last)
+        self.epochs = epochs
+        self.epoch = 0
+        self.device = dataset.device
+        foundation = getattr(dataset.projector, "foundation", None)
+        self.foundation_size = int(getattr(foundation, "image_size", 0) or 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration run epoch ``epoch`` (order and augmentation from ``seed + epoch``)."""
+        if not _is_int(epoch) or epoch < 0:
+            raise InputError(f"epoch must be an integer >= 0, got {epoch!r}", field="epoch")
+        self.epoch = epoch
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Images this rank sees per epoch (padding included, tail dropped if ``drop_last``)."""
+        n, w = len(self.dataset), self.world_size
+        if w == 1:
+            per = n
+        elif self.drop_last:
+            per = n // w
+        else:
+            per = math.ceil(n / w)
+        return (per // self.batch_size) * self.batch_size if self.drop_last else per
+
+    def __len__(self) -> int:
+        """Batches per iteration (all ``epochs`` of it)."""
+        per = self.samples_per_epoch
+        batches = per // self.batch_size if self.drop_last else math.ceil(per / self.batch_size)
+        return batches * self.epochs
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        start = self.epoch
+        self.epoch = start + self.epochs
+        return self._run(start)
+
+    def _run(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for epoch in range(start, start + self.epochs):
+            yield from self.epoch_batches(epoch)
+
+    def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """The image indices (CPU) this rank visits in ``epoch``, in order."""
+        idx = shard_indices(
+            len(self.dataset),
+            rank=self.rank,
+            world_size=self.world_size,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=epoch,
+            drop_last=self.drop_last,
+        )
+        if self.drop_last:
+            idx = idx[: (idx.numel() // self.batch_size) * self.batch_size]
+        return idx
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        # A CPU generator: hellofmt.augment draws its few random numbers per batch on the
+        # generator's device and moves them over, so the same seed gives the same views on the CPU
+        # and on CUDA, and batch-level choices need no device->host sync. Augmentation differs
+        # per rank but is a pure function of (seed, epoch, rank).
+        key = (int(self.seed) * 1_000_003 + int(epoch)) * 10_007 + self.rank
+        g = torch.Generator()
+        g.manual_seed(key & ((1 << 62) - 1))
+        return g
+
+    def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The batches of one epoch (does not touch the loader's own epoch counter)."""
+        ds = self.dataset
+        idx_all = self.epoch_indices(epoch)
+        on_device = ds.images.device == self.device
+        if on_device:
+            idx_all = idx_all.to(self.device)
+        gen = self._generator(epoch)
+        for start in range(0, idx_all.numel(), self.batch_size):
+            idx = idx_all[start : start + self.batch_size]
+            if on_device:
+                src = ds.images.index_select(0, idx)
+                hard = ds.targets.index_select(0, idx)
+            else:
+                src = ds.images.index_select(0, idx).to(self.device, non_blocking=True)
+                hard = ds._targets_cpu.index_select(0, idx).to(self.device, non_blocking=True)
+            yield self._make_batch(src, hard, gen)
+
+    def _make_batch(self, src, hard, gen):
+        from . import augment
+
+        n = src.shape[0]
+        h, w = src.shape[-2], src.shape[-1]
+        with torch.no_grad():
+            boxes = augment.sample_boxes(
+                n, scale=self.scale, ratio=self.ratio, generator=gen, device=self.device, aspect=w / h
+            )
+            if self.flip:
+                flips = augment.sample_flips(n, generator=gen, device=self.device)
+            else:
+                flips = torch.zeros(n, dtype=torch.bool, device=self.device)
+            view = augment.crop_resize(src, boxes, flips, self.image_size, exact=_EXACT)
+            label_view = view
+            mode = self.mix
+            if mode == "cutmix-mixup":  # one of the two per batch, as timm does
+                mode = "cutmix" if bool(torch.rand((), generator=gen) < 0.5) else "mixup"
+            resample = self.foundation_size and self.foundation_size != self.image_size
+            if mode != "none":
+                mixer = augment.cutmix if mode == "cutmix" else augment.mixup
+                view, perm, lam = mixer(view, generator=gen)
+                # The hard label follows whichever image covers most of the view.
+                hard = torch.where(lam >= 0.5, hard, hard.index_select(0, perm))
+                label_view = view
+                if resample and mode == "mixup":
+                    # MixUp is linear, so it can be redone at the foundation's size; CutMix's
+                    # pasted box is not exposed, so its view is resized by the projector instead.
+                    f = augment.crop_resize(src, boxes, flips, self.foundation_size, exact=_EXACT)
+                    lam4 = lam.to(f.dtype).view(-1, 1, 1, 1)
+                    label_view = (f * lam4 + f.index_select(0, perm) * (1 - lam4)).clamp_(0.0, 1.0)
+            elif resample:
+                # Resample the projector's view from the same source boxes rather than resizing
+                # the student's view a second time.
+                label_view = augment.crop_resize(src, boxes, flips, self.foundation_size, exact=_EXACT)
+            logits = ds_forward(self.dataset.projector, label_view)
+            soft = torch.softmax(logits.float() / self.temperature, dim=1)
+        return view, soft, hard
+
+
+def ds_forward(projector, images: torch.Tensor) -> torch.Tensor:
+    """The projector's logits for a batch built by the loader (already checked, already on device)."""
+    return projector(images)
