@@ -1,0 +1,491 @@
+"""Share bundles through the Hugging Face Hub: :func:`push`, :func:`pull`, :func:`dataset_card`.
+
+A bundle directory is also the layout of its Hub dataset repository: ``hellofmt.json``, the image
+shards, ``projector.safetensors`` (and ``foundation.safetensors`` when embedded), plus a
+``README.md`` dataset card that :func:`push` writes. Everything goes through huggingface_hub, so its
+settings apply unchanged: ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HOME``/``HF_HUB_CACHE`` and
+``HF_HUB_OFFLINE`` (all read by huggingface_hub once, when it is imported).
+
+:func:`pull` downloads into huggingface_hub's cache (or a given directory) and then checks the sha256
+of every file against the manifest, so a bundle from the Hub is as trustworthy as one built locally.
+Every failure a user can cause (no such repository, revision, token or network) is raised as a
+:class:`~hellofmt.errors.HubError` subclass naming the repository and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .errors import (
+    AuthenticationError,
+    BundleNotFoundError,
+    HellofmtError,
+    HubError,
+    InputError,
+    IntegrityError,
+    MissingFileError,
+    OfflineError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from .manifest import MANIFEST_NAME
+
+__all__ = ["REPO_TYPE", "is_hub_id", "parse_hub_id", "pull", "push", "dataset_card"]
+
+REPO_TYPE = "dataset"
+CARD_NAME = "README.md"
+_HF_PREFIX = "hf://datasets/"
+# Hub repository names: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
+_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
+_REPO_ID = re.compile(rf"^({_NAME})/({_NAME})$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
+# The Hub's own git files: never part of a bundle, so pull skips them.
+_GIT_FILES = (".gitattributes", ".gitignore")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hub ids
+# --------------------------------------------------------------------------------------------------
+def parse_hub_id(source: str) -> tuple[str, str | None]:
+    """Split a Hub reference into ``(repo_id, revision)``; raises InputError if it is not one.
+
+    Accepted forms: ``user/name``, ``hf://datasets/user/name``, either followed by ``@revision``
+    (a branch, tag or commit; ``None`` when absent). The repository is always a dataset repository.
+    """
+    text = os.fspath(source).strip() if isinstance(source, (str, os.PathLike)) else source
+    if not isinstance(text, str):
+        raise InputError(f"expected a Hub id such as 'user/name', got {type(source).__name__}", field="repo_id")
+    rest = text[len(_HF_PREFIX):] if text.startswith(_HF_PREFIX) else text
+    repo_id, _, revision = rest.partition("@")
+    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or repo_id.endswith(".git"):
+        raise InputError(
+            f"{text!r} is not a Hub dataset id",
+            field="repo_id",
+            fix="use USER/NAME or hf://datasets/USER/NAME, optionally followed by @REVISION",
+        )
+    if "@" in text and not revision:
+        raise InputError(f"{text!r} has an empty revision after '@'", field="revision")
+    return repo_id, revision or None
+
+
+def is_hub_id(source: str | os.PathLike[str]) -> bool:
+    """Whether ``source`` names a Hub dataset (``user/name`` or ``hf://datasets/user/name``, with an
+    optional ``@revision``) rather than a local path. It does not look at the file system: callers
+    such as :class:`~hellofmt.DistilledDataset` check for an existing local directory first."""
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    try:
+        parse_hub_id(os.fspath(source))
+    except (InputError, TypeError):
+        return False
+    return True
+
+
+def _repo_id_and_revision(repo_id: str, revision: str | None) -> tuple[str, str | None]:
+    rid, at_rev = parse_hub_id(repo_id)
+    if at_rev is not None and revision is not None and at_rev != revision:
+        raise InputError(
+            f"two revisions given: {at_rev!r} in {repo_id!r} and revision={revision!r}",
+            field="revision",
+            fix="give the revision once",
+        )
+    return rid, revision if revision is not None else at_rev
+
+
+def _where(repo_id: str, revision: str | None = None) -> str:
+    return f"{_HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: huggingface_hub's exceptions -> hellofmt's
+# --------------------------------------------------------------------------------------------------
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    """The transport-level exception types of whichever HTTP client huggingface_hub uses."""
+    found: list[type[BaseException]] = []
+    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)),
+                          ("requests", ("ConnectionError", "Timeout"))):
+        try:
+            mod = __import__(module)
+        except ImportError:
+            continue
+        found += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(found)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _offline_mode() -> bool:
+    from huggingface_hub import constants
+
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _token_available(token: str | bool | None) -> bool:
+    if token is False:
+        return False
+    if isinstance(token, str) and token:
+        return True
+    try:
+        from huggingface_hub import get_token
+
+        return bool(get_token())
+    except Exception:  # a broken token file or OIDC set-up: the request itself will tell
+        return False
+
+
+_LOGIN_FIX = "pass --token (token=...), set HF_TOKEN, or run `hf auth login`"
+
+
+def _translate(err: BaseException, repo_id: str, revision: str | None, token, *, writing: bool) -> HellofmtError:
+    """Map an exception from huggingface_hub to the matching hellofmt error (or HubError)."""
+    from huggingface_hub import errors as hf
+
+    where = _where(repo_id, revision)
+    if isinstance(err, hf.RevisionNotFoundError):
+        return RevisionNotFoundError(
+            f"the repository has no revision {revision or 'main'!r}",
+            file=_where(repo_id), field="revision",
+            fix="check the branch, tag or commit name (HfApi().list_repo_refs lists them)",
+        )
+    if isinstance(err, hf.GatedRepoError):
+        return AuthenticationError(
+            "the repository is gated", file=where,
+            fix=f"accept its conditions on {_endpoint()}/datasets/{repo_id}, then {_LOGIN_FIX}",
+        )
+    if isinstance(err, hf.HfHubHTTPError):
+        response = getattr(err, "response", None)
+        status = getattr(response, "status_code", None)
+        if status == 401:
+            if _token_available(token):
+                return AuthenticationError(
+                    "the Hub refused the token (invalid, expired, or without access to this repository)",
+                    file=where, fix="check it with `hf auth whoami`, or create one at "
+                    "https://huggingface.co/settings/tokens",
+                )
+            return AuthenticationError(
+                "the Hub needs a token here: the repository is private, or does not exist",
+                file=where, fix=f"check the name; for a private repository {_LOGIN_FIX}",
+            )
+        if status == 403:
+            what = "write to" if writing else "read"
+            return AuthenticationError(
+                f"the token may not {what} this repository", file=where,
+                fix="use a token with write access to the namespace" if writing else _LOGIN_FIX,
+            )
+        if isinstance(err, hf.RepositoryNotFoundError) or status == 404:
+            return RepositoryNotFoundError(
+                "no such dataset repository on the Hub", file=_where(repo_id),
+                fix="check USER/NAME (it is a dataset repository); for a private one " + _LOGIN_FIX,
+            )
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return HubError(f"the Hub answered HTTP {status}: {first}", file=where, fix="try again later")
+    if isinstance(err, hf.OfflineModeIsEnabled) or (_offline_mode() and isinstance(err, (OSError, ValueError))):
+        if writing:
+            return OfflineError("HF_HUB_OFFLINE=1 is set, and pushing needs the network", file=where,
+                                fix="unset HF_HUB_OFFLINE (or set it to 0) to push")
+        return OfflineError(
+            "HF_HUB_OFFLINE=1 is set and this revision is not (completely) in the local cache", file=where,
+            fix="pull it once with the network (unset HF_HUB_OFFLINE), then it opens offline from the cache",
+        )
+    incomplete = getattr(hf, "IncompleteSnapshotError", None)
+    if incomplete is not None and isinstance(err, incomplete):
+        return OfflineError(
+            f"cannot reach the Hub at {_endpoint()}, and the cached copy of this revision is incomplete",
+            file=where, fix="pull again with the network to complete it",
+        )
+    if isinstance(err, (hf.LocalEntryNotFoundError, *_connection_errors())):
+        if writing:
+            return OfflineError(f"cannot reach the Hub at {_endpoint()}", file=where,
+                                fix="check the network connection and HF_ENDPOINT, then push again")
+        return OfflineError(
+            f"cannot reach the Hub at {_endpoint()}, and this revision is not in the local cache", file=where,
+            fix="check the network connection (and HF_ENDPOINT); a bundle pulled once opens offline from the "
+            "cache, also with HF_HUB_OFFLINE=1",
+        )
+    return HubError(f"{type(err).__name__}: {err}", file=where)
+
+
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    from huggingface_hub import errors as hf
+
+    return (hf.HfHubHTTPError, hf.OfflineModeIsEnabled, hf.LocalEntryNotFoundError, *_connection_errors())
+
+
+# --------------------------------------------------------------------------------------------------
+# pull
+# --------------------------------------------------------------------------------------------------
+def pull(
+    repo_id: str,
+    local_dir: str | os.PathLike[str] | None = None,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    force_download: bool = False,
+    verify: bool = True,
+) -> Path:
+    """Download the bundle ``repo_id`` from the Hub, check every file's sha256, return its path.
+
+    ``repo_id`` is ``user/name`` or ``hf://datasets/user/name`` (optionally ``@revision``). Files go
+    to huggingface_hub's cache (shared, one folder per commit) or, with ``local_dir``, to that
+    directory. ``revision`` is a branch, tag or commit. Works offline from the cache (no network, or
+    ``HF_HUB_OFFLINE=1``). Raises RepositoryNotFoundError, RevisionNotFoundError,
+    AuthenticationError, OfflineError, BundleNotFoundError (the repository holds no hellofmt.json)
+    or IntegrityError (a downloaded file differs from its manifest entry). ``verify=False`` leaves
+    the sha256 checks (not the size checks) to the caller, e.g. one that opens the bundle with
+    ``Bundle.open(path, verify=True)`` next, so that every file is hashed once, not twice.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+
+    from .bundle import Bundle
+
+    repo_id, revision = _repo_id_and_revision(repo_id, revision)
+    where = _where(repo_id, revision)
+    hub_errors = _hub_errors()
+
+    # Look before downloading: a repository that is not a bundle fails here, at the cost of one
+    # small request, instead of after downloading all of it. Without network, the cache decides.
+    if not _offline_mode():
+        try:
+            info = HfApi(token=token).repo_info(repo_id, repo_type=REPO_TYPE, revision=revision)
+        except hub_errors as e:
+            info = None
+            err = _translate(e, repo_id, revision, token, writing=False)
+            if not isinstance(err, OfflineError) and not _server_error(e):
+                raise err from None
+        if info is not None and info.siblings is not None:
+            if MANIFEST_NAME not in {s.rfilename for s in info.siblings}:
+                raise _not_a_bundle(repo_id, revision)
+
+    try:
+        path = snapshot_download(
+            repo_id,
+            repo_type=REPO_TYPE,
+            revision=revision,
+            local_dir=os.fspath(local_dir) if local_dir is not None else None,
+            token=token,
+            force_download=force_download,
+            ignore_patterns=list(_GIT_FILES),
+        )
+    except hub_errors as e:
+        raise _translate(e, repo_id, revision, token, writing=False) from None
+
+    path = Path(path)
+    if not (path / MANIFEST_NAME).is_file():
+        raise _not_a_bundle(repo_id, revision)
+    try:
+        Bundle.open(path, verify=verify)
+    except (IntegrityError, MissingFileError) as e:
+        raise type(e)(
+            f"{e.message} (downloaded from {where})", file=e.file, field=e.field,
+            fix="pull again with force_download=True (--force-download); if it persists, the files on the "
+            "Hub were changed without their manifest: tell the repository owner",
+        ) from None
+    return path
+
+
+def _server_error(err: BaseException) -> bool:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    return isinstance(status, int) and status >= 500
+
+
+def _not_a_bundle(repo_id: str, revision: str | None) -> BundleNotFoundError:
+    return BundleNotFoundError(
+        f"the repository has no {MANIFEST_NAME}: it is not a hellofmt bundle",
+        file=_where(repo_id, revision),
+        fix="check the name and revision; bundles are uploaded with `hellofmt push BUNDLE USER/NAME`",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# push
+# --------------------------------------------------------------------------------------------------
+def push(
+    bundle_dir: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    message: str | None = None,
+    token: str | None = None,
+    license: str | None = None,
+) -> str:
+    """Upload the bundle at ``bundle_dir`` to the Hub dataset ``repo_id`` in one commit; return its URL.
+
+    The bundle is opened and every sha256 checked first: a broken bundle is refused before anything
+    is sent. The dataset repository is created if needed (``private`` applies only then), and the
+    branch ``revision`` too. The commit holds the manifest, every file it lists and a generated
+    ``README.md`` dataset card (:func:`dataset_card`, with ``license`` in its metadata); ``.safetensors``
+    files of an earlier push that the new bundle lacks are deleted in the same commit, other files
+    are kept. Raises the bundle's own errors, AuthenticationError, OfflineError, HubError.
+    """
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+
+    from .bundle import Bundle
+
+    repo_id, revision = _repo_id_and_revision(repo_id, revision)
+    if revision is not None and _COMMIT.match(revision):
+        raise InputError(f"cannot push to a commit ({revision}); give a branch name", field="revision")
+    license = _check_license(license)
+    try:
+        bundle = Bundle.open(bundle_dir, verify=True)
+    except HellofmtError as e:
+        raise type(e)(f"refusing to push a broken bundle: {e.message}", file=e.file, field=e.field, fix=e.fix) from None
+
+    card = dataset_card(bundle, repo_id, license=license).encode("utf-8")
+    names = [MANIFEST_NAME, *sorted(bundle.manifest.files)]
+    ops: list = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(bundle.file(n))) for n in names]
+    ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card))
+
+    api = HfApi(token=token)
+    m = bundle.manifest
+    message = message or (f"Upload hellofmt bundle: {m.images.count} images, {m.num_classes} classes")
+    try:
+        api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
+        if revision is not None and revision != "main":
+            api.create_branch(repo_id, repo_type=REPO_TYPE, branch=revision, exist_ok=True)
+        existing = api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision)
+        keep = set(names) | {CARD_NAME}
+        ops += [CommitOperationDelete(path_in_repo=p) for p in existing
+                if p not in keep and "/" not in p and p.endswith(".safetensors")]
+        info = api.create_commit(
+            repo_id, operations=ops, commit_message=message, repo_type=REPO_TYPE, revision=revision
+        )
+    except _hub_errors() as e:
+        raise _translate(e, repo_id, revision, token, writing=True) from None
+    return str(info.commit_url)
+
+
+def _check_license(license: str | None) -> str | None:
+    if license is None:
+        return None
+    value = license.strip().lower()
+    if not _LICENSE.match(value):
+        raise InputError(
+            f"{license!r} is not a license identifier", field="license",
+            fix="use a Hub license id such as apache-2.0, mit, cc-by-4.0 or other",
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Dataset card
+# --------------------------------------------------------------------------------------------------
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
+
+
+def _md(text: str) -> str:
+    """Text as literal Markdown: special characters escaped, on one line."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n:,} bytes ({n / size:.2f} {unit})"
+    return f"{n:,} bytes"
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < limit:
+            return name
+    return "10M<n<100M"
+
+
+def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = None) -> str:
+    """The ``README.md`` dataset card for a bundle (a :class:`~hellofmt.bundle.Bundle` or a path).
+
+    YAML metadata (``task_categories: image-classification``, tags ``hellofmt`` and
+    ``dataset-distillation``, size category, ``license`` when given), then: the foundation model,
+    classes, images per class, codec, the label payload (projector bytes) against the soft labels
+    it replaces (images x 300 epochs x classes x 2 bytes), the fidelity metrics of
+    ``manifest.metrics``, every file with its size and sha256, and a usage snippet for ``repo_id``.
+    """
+    from .bundle import Bundle, summarize
+
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.open(bundle)
+    s = summarize(bundle)
+    m = bundle.manifest
+    im, fd, pr, lp = s["images"], s["foundation"], s["projector"], s["label_payload"]
+    license = _check_license(license)
+    name = repo_id or Path(bundle.path).name
+
+    meta = []
+    if license:
+        meta.append(f"license: {license}")
+    meta += [
+        "task_categories:", "- image-classification",
+        "tags:", "- hellofmt", "- dataset-distillation",
+        "size_categories:", f"- {_size_category(im['count'])}",
+    ]
+    lo, hi = im["per_class_min"], im["per_class_max"]
+    ipc = f"{lo}" if lo == hi else f"{lo} to {hi} (uneven)"
+    codec = f"`{im['codec']}`" + (f" (quality {im['quality']})" if im["quality"] is not None else "")
+    ranks = ", ".join(map(str, pr["ranks"])) or "none"
+    head = f", head rank {pr['head_rank']}" if pr["head_rank"] is not None else ""
+    ratio = lp["ratio"]
+    lines = [
+        "---", *meta, "---", "",
+        f"# {_md(name)}", "",
+        f"A distilled image-classification dataset in the hellofmt format (HeLlO: Heavy Labels Out): "
+        f"{im['count']:,} synthetic images of {m.num_classes:,} classes and **no stored labels**. Soft labels "
+        "are generated on the fly, for exactly the crop, flip, CutMix or MixUp view a student sees, by a "
+        "projector: the open_clip foundation model below with low-rank deltas and a zero-shot head built "
+        "from the class names.", "",
+        "| | |", "|---|---|",
+        f"| Foundation model | `{_md(fd['reference'])}` (open_clip, {fd['image_size']} px input, weights "
+        f"sha256 `{fd['weights_sha256'][:16]}…`) |",
+        f"| Classes | {m.num_classes:,} |",
+        f"| Images per class | {ipc} |",
+        f"| Images | {im['count']:,}, {im['width']}x{im['height']}, codec {codec}, {im['shards']} shard(s) |",
+        f"| Label payload (projector) | {_bytes(lp['projector_bytes'])}: {pr['targets']} low-rank targets, "
+        f"rank {ranks}{head}, {pr['dtype']} |",
+        f"| Stored soft labels it replaces | {_bytes(lp['stored_label_bytes'])} "
+        f"({im['count']:,} images x 300 epochs x {m.num_classes:,} classes x 2 bytes) |",
+        f"| Ratio | stored labels would take {ratio:,.1f}x the label payload |" if ratio else "| Ratio | n/a |",
+        "",
+        "## Fidelity", "",
+    ]
+    if m.metrics:
+        lines += ["How closely the projector reproduces the teacher (measured by the builder):", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {_md(k)} | {v:.4g} |" for k, v in sorted(m.metrics.items())]
+    else:
+        lines.append("The builder recorded no fidelity metrics.")
+    shown = m.classes[:1000]
+    more = f", and {m.num_classes - len(shown):,} more (see `hellofmt.json`)" if m.num_classes > len(shown) else ""
+    usage_id = repo_id or "USER/NAME"
+    lines += [
+        "", "## Classes", "",
+        ", ".join(_md(c) for c in shown) + more, "",
+        "## Usage", "",
+        "```python",
+        "from hellofmt import DistilledDataset",
+        "",
+        f'ds = DistilledDataset("{usage_id}", device="cuda")  # downloads, checks every sha256, caches',
+        f'for images, soft, hard in ds.loader(batch_size=256, image_size={fd["image_size"]}, mix="cutmix", seed=0):',
+        "    ...  # images in [0, 1] on the device; soft: the projector's labels for exactly these views",
+        "```", "",
+        f"Or on the command line: `hellofmt pull {usage_id} DIR`, then `hellofmt info DIR`. Once pulled, the "
+        "bundle also opens offline from the Hugging Face cache (`HF_HUB_OFFLINE=1`).", "",
+        "## Files", "",
+        "`hellofmt.json` is the manifest; it records the size and sha256 of every other file, which "
+        "hellofmt checks when it opens the bundle. This card is not part of the checked files.", "",
+        "| file | bytes | sha256 |", "|---|---:|---|",
+    ]
+    lines += [f"| `{n}` | {e.size:,} | `{e.sha256}` |" for n, e in sorted(m.files.items())]
+    prov = m.provenance
+    lines += ["", "## Provenance", "",
+              f"Built with hellofmt {_md(prov.hellofmt_version)} on {_md(prov.created)}"
+              + (f"; teacher(s): {', '.join(_md(t) for t in prov.teachers)}" if prov.teachers else "")
+              + (f"; seed {prov.seed}" if prov.seed is not None else "") + ".", ""]
+    return "\n".join(lines)
