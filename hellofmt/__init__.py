@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from .errors import HellofmtError  # noqa: E402
 
-__all__ = ["__version__", "HellofmtError", "DistilledDataset"]
+__all__ = ["__version__", "HellofmtError", "DistilledDataset", "build"]
 
 
 def __getattr__(name: str):
@@ -16,8 +16,14 @@ def __getattr__(name: str):
         from .dataset import DistilledDataset
 
         return DistilledDataset
+    if name == "build":
+        # The build sub-package is callable (``hellofmt.build(...)`` mirrors ``hellofmt build``);
+        # it is imported only when asked for, so the runtime never loads the training code.
+        import importlib
+
+        return importlib.import_module(".build", __name__)
     raise AttributeError(f"module 'hellofmt' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "DistilledDataset"])
+    return sorted([*globals(), "DistilledDataset", "build"])

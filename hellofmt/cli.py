@@ -93,7 +93,10 @@ def verify(bundle: str) -> None:
               help="Imitation loss: MSE on logits, or KL at --temperature.")
 @click.option("--ce-weight", default=0.1, show_default=True, help="Weight of the hard-label cross-entropy.")
 @click.option("--temperature", default=1.0, show_default=True, help="Label temperature (KL loss, manifest recipe).")
-@click.option("--mix", type=click.Choice(["none", "cutmix", "mixup", "cutmix-mixup"]), default="cutmix", show_default=True)
+@click.option("--mix", type=click.Choice(["none", "cutmix", "mixup", "cutmix-mixup"]), default="cutmix", show_default=True,
+              help="The loader's default mixing (label recipe).")
+@click.option("--distill-mix", type=click.Choice(["none", "cutmix", "mixup", "cutmix-mixup"]),
+              help="Mixing of the distillation views (default: --mix).")
 @click.option("--image-size", type=int, help="Synthetic image side (default: the foundation's input size).")
 @click.option("--load-size", type=int, help="Side original images are loaded at (default: 8/7 of --image-size).")
 @click.option("--factor", default=2, show_default=True, help="Patches per side stitched into each image.")
@@ -126,7 +129,6 @@ def build(**opts) -> None:
     opts["teacher_weights"] = list(opts["teacher_weights"]) or None
     opts["templates"] = list(opts["templates"]) or None
     opts["targets"] = list(opts["targets"]) or None
-    opts["head_rank"] = opts["head_rank"] or None
     result = run_build(opts.pop("train_data"), opts.pop("teacher"), opts.pop("foundation"), opts.pop("out"),
                        progress=not quiet, **opts)
     if result.path is None:  # torchrun ranks other than 0 write nothing

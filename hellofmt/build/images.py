@@ -1,0 +1,123 @@
+"""Image initialisation: distilled images made elsewhere (``--images DIR``) or RDED-style selection.
+
+RDED (Sun et al., CVPR 2024): for each class, sample many random crops of real images, score each
+with the teacher (the negative cross-entropy on the true class, i.e. how representative the crop is),
+keep the best ``ipc x factor^2``, and stitch ``factor x factor`` of them into each synthetic image.
+With ``factor`` 2 one image carries four patches, so a student's random crop often sees a single
+patch, and the projector labels whatever mix of patches the crop contains.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import augment
+from ..errors import BuildInputError
+from .inputs import ImageFolder, TensorData, data_labels, load_all, scan_image_folder
+
+__all__ = ["images_from_folder", "rded_images", "stitch"]
+
+
+def images_from_folder(directory, classes: list[str], folders: list[str], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read pre-made distilled images (an image folder with the same class folders as the training
+    data) as uint8 [N,3,S,S] + labels; every class must have at least one image."""
+    folder = scan_image_folder(directory, what="--images")
+    extra = sorted(set(folder.folders) - set(folders))
+    if extra:
+        raise BuildInputError(f"class folder(s) not in the training data: {', '.join(extra[:10])}", file=directory,
+                              field="--images", fix="use the same class folder names as --train-data")
+    missing = sorted(set(folders) - set(folder.folders))
+    if missing:
+        raise BuildInputError(f"no images for class folder(s): {', '.join(missing[:10])}", file=directory,
+                              field="--images", fix="give at least one distilled image per class")
+    remap = {i: folders.index(f) for i, f in enumerate(folder.folders)}
+    imgs, labels = load_all(folder, list(range(len(folder.samples))), image_size)
+    labels = torch.tensor([remap[int(c)] for c in labels], dtype=torch.int64)
+    order = torch.argsort(labels, stable=True)
+    return imgs[order], labels[order]
+
+
+def stitch(patches: torch.Tensor, factor: int, image_size: int) -> torch.Tensor:
+    """Tile ``[n * factor^2, 3, p, p]`` float patches into ``n`` images of ``image_size``."""
+    k = factor * factor
+    n, _, p, _ = patches.shape
+    grid = patches.view(n // k, factor, factor, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n // k, 3, factor * p, factor * p)
+    if grid.shape[-1] != image_size:
+        grid = F.interpolate(grid, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return grid
+
+
+@torch.no_grad()
+def rded_images(
+    data: ImageFolder | TensorData,
+    teacher: nn.Module,
+    *,
+    train_indices: list[int],
+    ipc: int,
+    factor: int = 2,
+    image_size: int = 32,
+    load_size: int | None = None,
+    candidates: int = 4,
+    scale: tuple[float, float] = (0.25, 1.0),
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Select and stitch RDED patches: ``ipc`` uint8 images per class at ``image_size``. Each class
+    draws ``ipc x factor^2 x candidates`` random crops from its own training images (cycling over
+    them when there are few), scores them by the teacher's log-probability of the class, and keeps
+    the best. Returns (images, labels, stats with the mean teacher confidence of the kept patches)."""
+    from tqdm.auto import tqdm
+
+    if ipc < 1 or factor < 1:
+        raise BuildInputError("--ipc and --factor must be >= 1", field="--ipc")
+    load_size = load_size or image_size
+    dev = torch.device(device)
+    labels_all = data_labels(data)
+    train = torch.tensor(train_indices, dtype=torch.int64)
+    k = factor * factor
+    need = ipc * k
+    n_cand = need * max(1, candidates)
+    patch = max(1, image_size // factor)
+    g = torch.Generator().manual_seed(seed)
+    gd = torch.Generator(device=dev).manual_seed(seed + 1)
+    out, out_labels, conf = [], [], []
+    num_classes = data.num_classes
+    teacher.eval()
+    for c in tqdm(range(num_classes), desc="select patches", disable=not progress, dynamic_ncols=True):
+        pool = train[labels_all[train] == c]
+        if pool.numel() == 0:
+            raise BuildInputError(f"class {c} has no training images left after the held-out split",
+                                  field="--holdout", fix="lower --holdout or add images")
+        # Each source image gives several crops when the class has fewer images than candidates.
+        src = pool[torch.randperm(pool.numel(), generator=g)[: min(pool.numel(), n_cand)]]
+        per_img = -(-n_cand // src.numel())
+        imgs, _ = load_all(data, src.tolist(), load_size, num_workers=num_workers)
+        imgs = imgs.to(dev)
+        scores, crops = [], []
+        order = torch.arange(src.numel()).repeat(per_img)[:n_cand]
+        for s in range(0, n_cand, batch_size):
+            idx = order[s:s + batch_size].to(dev)
+            boxes = augment.sample_boxes(idx.numel(), scale=scale, generator=gd, device=dev)
+            flips = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
+            views = augment.crop_resize(imgs[idx], boxes, flips, image_size)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                logits = teacher(views).float()
+            scores.append(logits.log_softmax(1)[:, c])
+            crops.append(F.interpolate(views, size=(patch, patch), mode="bilinear", antialias=True,
+                                       align_corners=False) if patch != image_size else views)
+        scores = torch.cat(scores)
+        crops = torch.cat(crops)
+        best = scores.topk(min(need, scores.numel())).indices
+        if best.numel() < need:  # fewer candidates than patches: reuse the best ones
+            best = best.repeat(-(-need // best.numel()))[:need]
+        # Deal patches round-robin so every image mixes strong and weaker patches.
+        best = best.view(k, ipc).t().reshape(-1)
+        conf.append(scores[best].exp().mean().item())
+        out.append(stitch(crops[best], factor, image_size).clamp(0, 1).mul(255).round().to(torch.uint8).cpu())
+        out_labels.append(torch.full((ipc,), c, dtype=torch.int64))
+    return torch.cat(out), torch.cat(out_labels), {"init_teacher_confidence": sum(conf) / len(conf)}

@@ -1,0 +1,394 @@
+"""hellofmt build: a tiny end-to-end build, resume after an interruption, torchrun on the CPU, and
+every bad input the issue lists (each must fail up front with a HellofmtError naming the problem).
+
+All builds use the tiny ViT config (random weights, embedded in the bundle), a teacher defined in a
+``FILE.py:FACTORY`` written to the test's tmp folder, and 3 classes x 5 procedural 32 px images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hellofmt.errors import BuildError, BuildInputError, TeacherError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(ROOT / "tests" / "data" / "hf-test-tiny-vit.json")
+
+# A deterministic teacher: logits from the mean colour (classes are red, green, blue images).
+# ``FAIL_AFTER`` (an environment variable) makes forward raise after that many calls, to
+# interrupt a build at a known point.
+TEACHER_PY = textwrap.dedent(
+    '''
+    import os
+    import torch
+    from torch import nn
+
+    class ColourTeacher(nn.Module):
+        def __init__(self, classes=3, nan=False):
+            super().__init__()
+            self.lin = nn.Linear(3, classes)
+            with torch.no_grad():
+                # folders sort as blue, green, red: class 0 is channel 2 and so on
+                self.lin.weight.copy_(torch.eye(3, classes).flip(0).t() * 12 - 4)
+                self.lin.bias.zero_()
+            self.nan = nan
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            limit = int(os.environ.get("HELLOFMT_TEST_FAIL_AFTER", "0"))
+            if limit and self.calls > limit:
+                raise KeyboardInterrupt("simulated interruption")
+            out = self.lin(x.mean((2, 3)))
+            return out * float("nan") if self.nan else out
+
+    def make():
+        return ColourTeacher().eval()
+
+    def five_classes():
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 5)).eval()
+
+    def nan_teacher():
+        return ColourTeacher(nan=True).eval()
+
+    def not_a_module():
+        return 42
+    '''
+)
+
+
+def _write_data(root: Path, classes=("red", "green", "blue"), per_class=5, size=32, seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        d = root / name
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 90, (size, size, 3))
+            img[..., c % 3] += 120 + rng.integers(0, 40)
+            # a bright square somewhere so that crops differ
+            x, y = rng.integers(0, size - 8, 2)
+            img[y:y + 8, x:x + 8] = 255
+            Image.fromarray(img.clip(0, 255).astype(np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+@pytest.fixture
+def env(tmp_path):
+    data = _write_data(tmp_path / "train")
+    teacher = tmp_path / "teacher.py"
+    teacher.write_text(TEACHER_PY)
+    return {"data": data, "teacher": f"{teacher}:make", "tfile": teacher, "tmp": tmp_path}
+
+
+def _small(**kw):
+    opts = dict(ipc=1, factor=2, steps=4, batch_size=8, rank=2, head_rank=2, holdout=0.2, fidelity_views=1,
+                checkpoint_every=2, progress=False, device="cpu", seed=0)
+    opts.update(kw)
+    return opts
+
+
+def _build(env, out_name="bundle", **kw):
+    import hellofmt.build
+
+    teacher = kw.pop("teacher_override", env["teacher"])
+    # the sub-package is callable: hellofmt.build(...) mirrors `hellofmt build`
+    return hellofmt.build(str(env["data"]), teacher, TINY_CONFIG, env["tmp"] / out_name, **_small(**kw))
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end
+# --------------------------------------------------------------------------------------------------
+def test_tiny_build_end_to_end(env):
+    from hellofmt.bundle import Bundle
+
+    res = _build(env, refine_steps=2, keep_checkpoints=False)
+    b = Bundle.open(res.path, verify=True)
+    assert b.verify() == []
+    m = b.manifest
+    assert m.classes == ["blue", "green", "red"]
+    assert m.images.count == 3 and m.images.per_class == [1, 1, 1]
+    assert (m.images.height, m.images.width) == (32, 32)
+    assert m.foundation.source == "embedded"
+    assert m.probe is not None and m.probe.views
+    assert m.projector.head is not None and m.projector.head.rank == 2
+    assert m.metrics["distill.steps"] == 4 and m.metrics["distill.resumed_from"] == 0
+    for key in ("fidelity.synthetic.top1_agreement", "fidelity.heldout.kl", "refine.kl_before", "refine.kl_after"):
+        assert key in m.metrics
+    assert set(m.provenance.extra["timings_s"]) >= {"inputs", "distill", "images", "refine", "fidelity"}
+    assert m.provenance.teachers == ["teacher.py:make"]
+    assert "label payload" in res["summary"]
+    # the checkpoint folder is removed after a successful build unless asked to keep it
+    assert not (env["tmp"] / "bundle.ckpt").exists()
+    images, labels = b.read_images()
+    assert labels.tolist() == [0, 1, 2]
+    dominant = images.float().mean((2, 3)).argmax(1).tolist()
+    assert dominant == [2, 1, 0]  # class 0 "blue" -> channel 2, ...
+    # RDED keeps the patches the teacher is surest of
+    assert m.metrics["images.init_teacher_confidence"] > 0.9
+
+
+def test_build_bundle_loads_in_dataset(env):
+    from hellofmt.dataset import DistilledDataset
+
+    res = _build(env)
+    ds = DistilledDataset(str(res.path), device="cpu")
+    assert len(ds) == 3 and ds.num_classes == 3
+    logits = ds.label(torch.rand(2, 3, 32, 32))
+    assert logits.shape == (2, 3) and torch.isfinite(logits).all()
+
+
+def test_distillation_learns_the_teacher(env):
+    """The projector starts from random CLIP weights, so agreement comes from the deltas alone."""
+    res = _build(env, steps=40, rank=4, head_rank=4, lr=1e-2, ipc=2)
+    assert res["metrics"]["fidelity.synthetic.top1_agreement"] >= 0.8
+
+
+def test_images_from_folder(env):
+    from hellofmt.bundle import Bundle
+
+    pre = _write_data(env["tmp"] / "distilled", per_class=2, size=24, seed=3)
+    res = _build(env, ipc=None, images=str(pre), head_rank=0)
+    m = Bundle.open(res.path).manifest
+    assert m.images.per_class == [2, 2, 2] and m.images.height == 32
+    assert m.projector.head is None  # --head-rank 0: no head delta
+
+
+# --------------------------------------------------------------------------------------------------
+# resume
+# --------------------------------------------------------------------------------------------------
+def test_interrupted_build_resumes_from_checkpoint(env, monkeypatch):
+    from hellofmt.build.checkpoint import CheckpointStore
+    from hellofmt.bundle import Bundle
+
+    # probe check: 1 call; then one teacher call per distillation step; fail during step 6
+    monkeypatch.setenv("HELLOFMT_TEST_FAIL_AFTER", "6")
+    with pytest.raises(KeyboardInterrupt):
+        _build(env, steps=8, checkpoint_every=2)
+    assert not (env["tmp"] / "bundle").exists()
+    ck = CheckpointStore(env["tmp"] / "bundle.ckpt").load("distill")
+    assert ck is not None and ck.step == 4 and not ck.done
+    assert any(k.startswith("optim.state.") and k.endswith("exp_avg") for k in ck.tensors)
+    monkeypatch.delenv("HELLOFMT_TEST_FAIL_AFTER")
+    res = _build(env, steps=8, checkpoint_every=2, resume=True)
+    m = Bundle.open(res.path, verify=True).manifest
+    assert m.metrics["distill.resumed_from"] == 4
+    assert m.metrics["distill.steps"] == 8
+
+
+def test_resume_with_other_options_refused(env, monkeypatch):
+    monkeypatch.setenv("HELLOFMT_TEST_FAIL_AFTER", "4")
+    with pytest.raises(KeyboardInterrupt):
+        _build(env, steps=8, checkpoint_every=2)
+    monkeypatch.delenv("HELLOFMT_TEST_FAIL_AFTER")
+    with pytest.raises(BuildError, match="rank"):
+        _build(env, steps=8, checkpoint_every=2, resume=True, rank=3)
+
+
+def test_checkpoint_optimizer_round_trip(tmp_path):
+    from hellofmt.build.checkpoint import CheckpointStore
+
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        p.pow(2).sum().backward()
+        opt.step()
+    store = CheckpointStore(tmp_path / "ck")
+    store.save("s", 3, params={"p": p.detach()}, optimizer=opt, scalars={"x": 1.5})
+    ck = store.load("s")
+    p2 = torch.nn.Parameter(ck.params()["p"].clone())
+    opt2 = torch.optim.AdamW([p2], lr=0.1)
+    opt2.load_state_dict(ck.optimizer_state())
+    for o, q in ((opt, p), (opt2, p2)):
+        o.zero_grad()
+        q.pow(2).sum().backward()
+        o.step()
+    assert torch.equal(p, p2) and ck.step == 3 and ck.scalars["x"] == 1.5
+    # nothing pickled: the tensor file is plain safetensors, the rest JSON
+    assert json.loads((tmp_path / "ck" / "s.json").read_text())["tensors"].endswith(".safetensors")
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun on the CPU
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_torchrun_two_processes_cpu(env):
+    from hellofmt.bundle import Bundle
+
+    out = env["tmp"] / "ddp-bundle"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "hellofmt.cli", "build", "--train-data", str(env["data"]), "--teacher", env["teacher"],
+           "--foundation", TINY_CONFIG, "--out", str(out), "--ipc", "1", "--steps", "4", "--batch-size", "4",
+           "--rank", "2", "--head-rank", "2", "--holdout", "0.2", "--fidelity-views", "1", "--device", "cpu",
+           "--quiet"]
+    envv = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=envv, cwd=env["tmp"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"wrote {out}" in r.stdout
+    b = Bundle.open(out, verify=True)
+    assert b.verify() == []
+    assert b.manifest.provenance.extra["world_size"] == 2
+    assert b.manifest.metrics["distill.steps"] == 4
+
+
+# --------------------------------------------------------------------------------------------------
+# bad inputs: each fails before any training, naming what is wrong
+# --------------------------------------------------------------------------------------------------
+def test_missing_train_folder(env):
+    with pytest.raises(BuildInputError, match="folder not found") as e:
+        from hellofmt.build import build
+
+        build(str(env["tmp"] / "nope"), env["teacher"], TINY_CONFIG, env["tmp"] / "b", **_small())
+    assert e.value.field == "--train-data" and "nope" in str(e.value)
+
+
+def test_class_without_images(env):
+    (env["data"] / "purple").mkdir()
+    with pytest.raises(BuildInputError, match="no images: purple"):
+        _build(env)
+    assert not (env["tmp"] / "bundle.ckpt").exists()  # nothing left behind by a failed input check
+
+
+def test_unreadable_images_listed_with_paths(env):
+    (env["data"] / "red" / "broken.png").write_bytes(b"not a png at all")
+    (env["data"] / "blue" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(BuildInputError, match="2 unreadable image") as e:
+        _build(env)
+    assert str(env["data"] / "red" / "broken.png") in str(e.value)
+    assert str(env["data"] / "blue" / "empty.jpg") in str(e.value)
+
+
+def test_class_map_tsv_and_json(env):
+    from hellofmt.build.inputs import load_class_map, scan_image_folder
+
+    tsv = env["tmp"] / "classes.tsv"
+    tsv.write_text("red\tred square\ngreen\tgreen square\nblue\tblue square\n")
+    folder = scan_image_folder(env["data"], class_map=load_class_map(tsv))
+    assert folder.names == ["blue square", "green square", "red square"]
+    js = env["tmp"] / "classes.json"
+    js.write_text(json.dumps({"red": "r", "green": "g"}))
+    with pytest.raises(BuildInputError, match="no readable name in the class map: blue"):
+        scan_image_folder(env["data"], class_map=load_class_map(js))
+    bad = env["tmp"] / "bad.tsv"
+    bad.write_text("red\tx\ngreen\n")
+    with pytest.raises(BuildInputError) as e:
+        load_class_map(bad)
+    assert e.value.field == "line 2"
+
+
+def test_teacher_with_wrong_class_count(env):
+    with pytest.raises(TeacherError, match="outputs 5 classes but the training data has 3"):
+        _build(env, teacher_override=f"{env['tfile']}:five_classes")
+
+
+def test_teacher_returning_nan(env):
+    with pytest.raises(TeacherError, match="NaN"):
+        _build(env, teacher_override=f"{env['tfile']}:nan_teacher")
+
+
+def test_bad_teacher_specs(env):
+    from hellofmt.build.teachers import load_teachers
+
+    with pytest.raises(TeacherError, match="not a torch.nn.Module"):
+        load_teachers(f"{env['tfile']}:not_a_module", num_classes=3)
+    with pytest.raises(TeacherError, match="no function 'missing'"):
+        load_teachers(f"{env['tfile']}:missing", num_classes=3)
+    with pytest.raises(TeacherError, match="cannot parse teacher spec"):
+        load_teachers("resnet18", num_classes=3)
+    with pytest.raises(TeacherError, match="needs --teacher-weights"):
+        load_teachers("timm:resnet18", num_classes=3)
+    pt = env["tmp"] / "w.pt"
+    pt.write_bytes(b"\x80\x02pickle")
+    with pytest.raises(TeacherError, match="must be a .safetensors file"):
+        load_teachers("timm:resnet18", num_classes=3, weights=str(pt))
+
+
+def test_timm_teacher_from_safetensors(env):
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from hellofmt.build.teachers import load_teachers
+
+    m = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=3)
+    w = env["tmp"] / "t.safetensors"
+    save_file(m.state_dict(), str(w))
+    ens, descs = load_teachers("timm:test_resnet.r160_in1k", num_classes=3, weights=str(w),
+                               probe=torch.rand(2, 3, 32, 32))
+    assert descs == ["timm:test_resnet.r160_in1k (t.safetensors)"]
+    with pytest.raises(TeacherError, match="do not fit"):
+        load_teachers("timm:test_resnet.r160_in1k", num_classes=4, weights=str(w))
+
+
+def test_images_and_ipc_are_exclusive(env):
+    with pytest.raises(BuildInputError, match="exactly one of --images"):
+        _build(env, images=str(env["data"]))
+
+
+def test_images_folder_missing_a_class(env):
+    pre = _write_data(env["tmp"] / "distilled", classes=("red", "green"), per_class=1)
+    with pytest.raises(BuildInputError, match="no images for class folder"):
+        _build(env, ipc=None, images=str(pre))
+
+
+def test_existing_out_refused(env):
+    (env["tmp"] / "bundle").mkdir()
+    with pytest.raises(BuildInputError, match="already exists"):
+        _build(env)
+
+
+def test_cli_reports_bad_input_in_one_line(env):
+    from click.testing import CliRunner
+
+    from hellofmt.cli import main
+
+    r = CliRunner().invoke(main, ["build", "--train-data", str(env["tmp"] / "missing"), "--teacher", env["teacher"],
+                                  "--foundation", TINY_CONFIG, "--out", str(env["tmp"] / "b"), "--ipc", "1"])
+    assert r.exit_code == 2
+    assert "folder not found" in r.output and "Traceback" not in r.output
+
+
+# --------------------------------------------------------------------------------------------------
+# Python API: modules and in-memory data directly; several teachers averaged
+# --------------------------------------------------------------------------------------------------
+def test_build_from_tensors_and_module(env):
+    from hellofmt.build import build
+    from hellofmt.build.teachers import load_teacher
+    from hellofmt.bundle import Bundle
+
+    teacher, _ = load_teacher(env["teacher"], num_classes=3)
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(12, 3, 32, 32, generator=g) * 80).to(torch.uint8)
+    labels = torch.arange(12) % 3
+    for i in range(12):
+        images[i, 2 - int(labels[i])] += 150  # class 0 is blue (channel 2), as for the colour teacher
+    res = build((images, labels), teacher, TINY_CONFIG, env["tmp"] / "mem", classes=["blue", "green", "red"],
+                **_small())
+    m = Bundle.open(res.path, verify=True).manifest
+    assert m.classes == ["blue", "green", "red"] and m.images.count == 3
+    assert m.provenance.teachers == ["module:ColourTeacher"]
+    with pytest.raises(BuildInputError, match="needs classes"):
+        build((images, labels), teacher, TINY_CONFIG, env["tmp"] / "mem2", **_small())
+
+
+def test_several_teachers_are_averaged(env):
+    from hellofmt.build.teachers import load_teachers
+
+    a = torch.nn.Linear(3, 3)
+    b = torch.nn.Linear(3, 3)
+    wrap = lambda lin: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), lin)  # noqa: E731
+    ens, descs = load_teachers([wrap(a), wrap(b)], num_classes=3, probe=torch.rand(2, 3, 8, 8))
+    x = torch.rand(4, 3, 8, 8)
+    with torch.no_grad():
+        want = (a(x.mean((2, 3))) + b(x.mean((2, 3)))) / 2
+        assert torch.allclose(ens(x), want, atol=1e-6)
+    assert len(descs) == 2
