@@ -618,6 +618,15 @@ def _human(n: float) -> str:
     return f"{n} B"  # pragma: no cover
 
 
+def _ratio_text(ratio: float | None) -> str:
+    """How the label payload compares with stored labels, in words that stay right both ways."""
+    if not ratio:
+        return "n/a"
+    if ratio >= 1:
+        return f"{ratio:,.1f}x smaller than stored labels" if ratio < 10 else f"{ratio:,.0f}x smaller than stored labels"
+    return f"{1 / ratio:,.1f}x larger than stored labels (the projector pays off only at larger scale)"
+
+
 def format_summary(summary: dict) -> str:
     """Render :func:`summarize`'s dict as the readable text ``hellofmt info`` prints."""
     s = summary
@@ -639,7 +648,7 @@ def format_summary(summary: dict) -> str:
     for name, size in s["files"].items():
         lines.append(f"  {name:<{width}}  {size:>14,} B  ({_human(size)})")
     lines.append(f"  {'total':<{width}}  {s['total_bytes']:>14,} B  ({_human(s['total_bytes'])})")
-    ratio = f"{lp['ratio']:,.0f}x smaller" if lp["ratio"] else "n/a"
+    ratio = _ratio_text(lp["ratio"])
     lines += [
         "label payload",
         f"  projector      {_human(lp['projector_bytes'])}",

@@ -101,3 +101,12 @@ def test_verify_runs_the_probe_on_a_real_bundle(runner, tiny_bundle, tmp_path):
     r = runner.invoke(main, ["verify", str(b)])
     assert r.exit_code == 1, r.output
     assert len(r.output.strip().splitlines()) == 1 and "probe" in r.output
+
+
+def test_ratio_wording_says_larger_when_the_projector_outweighs_the_labels():
+    from hellofmt.bundle import _ratio_text
+
+    assert _ratio_text(40.0) == "40x smaller than stored labels"
+    assert _ratio_text(2.5) == "2.5x smaller than stored labels"
+    assert _ratio_text(0.5).startswith("2.0x larger than stored labels")
+    assert _ratio_text(None) == "n/a"
