@@ -89,8 +89,8 @@ def verify(bundle: str) -> None:
 @click.option("--batch-size", default=64, show_default=True, help="Batch size per process.")
 @click.option("--lr", default=2e-3, show_default=True)
 @click.option("--weight-decay", default=0.01, show_default=True)
-@click.option("--loss", type=click.Choice(["mse", "kl"]), default="mse", show_default=True,
-              help="Imitation loss: MSE on logits, or KL at --temperature.")
+@click.option("--loss", type=click.Choice(["kl", "mse"]), default="kl", show_default=True,
+              help="Imitation loss: KL to the teacher at --temperature, or MSE on logits.")
 @click.option("--ce-weight", default=0.1, show_default=True, help="Weight of the hard-label cross-entropy.")
 @click.option("--temperature", default=1.0, show_default=True, help="Label temperature (KL loss, manifest recipe).")
 @click.option("--mix", type=click.Choice(["none", "cutmix", "mixup", "cutmix-mixup"]), default="cutmix", show_default=True,

@@ -174,7 +174,7 @@ def build(
     batch_size: int = 64,
     lr: float = 2e-3,
     weight_decay: float = 0.01,
-    loss: str = "mse",
+    loss: str = "kl",
     ce_weight: float = 0.1,
     temperature: float = 1.0,
     mix: str = "cutmix",
