@@ -313,6 +313,23 @@ def test_bad_teacher_specs(env):
         load_teachers("timm:resnet18", num_classes=3, weights=str(pt))
 
 
+def test_teacher_specs_are_checked_before_the_foundation_loads(env, monkeypatch):
+    # A real foundation can be a large download: a typo in --teacher must fail before it starts.
+    import hellofmt.foundation
+
+    def no_load(*a, **k):
+        raise AssertionError("the foundation was loaded before the teacher spec was checked")
+
+    monkeypatch.setattr(hellofmt.foundation, "load_foundation", no_load)
+    with pytest.raises(TeacherError, match="teacher file not found"):
+        _build(env, teacher_override=str(env["tmp"] / "nosuch.py") + ":make")
+    with pytest.raises(TeacherError, match="timm has no architecture 'resnet1800'"):
+        _build(env, teacher_override="timm:resnet1800")
+    with pytest.raises(TeacherError, match="teacher weights not found"):
+        _build(env, teacher_override="timm:resnet18", teacher_weights=str(env["tmp"] / "none.safetensors"))
+    assert not (env["tmp"] / "bundle").exists()
+
+
 def test_timm_teacher_from_safetensors(env):
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file

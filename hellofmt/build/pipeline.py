@@ -36,7 +36,7 @@ from .inputs import (
     scan_image_folder,
     split_holdout,
 )
-from .teachers import load_teachers
+from .teachers import check_teacher_specs, load_teachers
 
 __all__ = ["build", "BuildResult"]
 
@@ -213,7 +213,7 @@ def build(
     """
     args = dict(locals())
     _check_options(**args)
-    from ..foundation import foundation_tensors, load_foundation
+    from ..foundation import foundation_tensors, load_foundation, parse_foundation_spec
     from ..projector import DEFAULT_TEMPLATES, Projector
 
     timings: dict[str, float] = {}
@@ -231,6 +231,11 @@ def build(
             num_classes = len(names)
             if num_classes < 2:
                 raise BuildInputError("need at least two classes", field="--train-data")
+            tspecs = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+            tw = list(teacher_weights) if isinstance(teacher_weights, (list, tuple)) else teacher_weights
+            check_teacher_specs(tspecs, tw)  # before the foundation, which may be a large download
+            if isinstance(foundation, str):
+                parse_foundation_spec(foundation)  # an unknown architecture or tag fails here, cheaply
             torch.manual_seed(seed)  # a random-init foundation must come out the same on every rank
             fnd = load_foundation(foundation, device=dev, embed=_embed(foundation, embed_foundation))
             # Taken now: the projector drops the text tower and parametrizes the weights in place.
@@ -244,8 +249,6 @@ def build(
             train_idx, held_idx = split_holdout(labels_all, holdout, seed=seed)
             probe_imgs, _ = load_all(data, _probe_indices(labels_all, train_idx), lsize)
             probe = _views(probe_imgs.to(dev), size, seed)
-            tspecs = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
-            tw = list(teacher_weights) if isinstance(teacher_weights, (list, tuple)) else teacher_weights
             ens, tdescs = load_teachers(tspecs, num_classes=num_classes, weights=tw, probe=probe, device=dev)
             folders = data.folders if isinstance(data, ImageFolder) else names
             if images is not None:

@@ -13,6 +13,7 @@ Several teachers are averaged in logit space (the "weak teachers" ensemble of He
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import sys
@@ -79,11 +80,19 @@ class _Normalised(nn.Module):
         return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
 
-def _load_timm(spec: TeacherSpec, num_classes: int) -> nn.Module:
+def _check_timm(spec: TeacherSpec) -> Path:
+    """The checks of a ``timm:`` teacher that need no model: timm present, architecture known,
+    weights given as an existing safetensors file. Returns the weights path."""
     try:
         import timm
     except ImportError:
         raise TeacherError("timm is not installed", field="--teacher", fix="pip install timm") from None
+    if not timm.is_model(spec.name):
+        close = difflib.get_close_matches(spec.name, timm.list_models(), n=5)
+        raise TeacherError(
+            f"timm has no architecture {spec.name!r}" + (f" (closest: {', '.join(close)})" if close else ""),
+            field="--teacher", fix="see timm.list_models()",
+        )
     if spec.weights is None:
         raise TeacherError(
             f"timm:{spec.name} needs --teacher-weights FILE.safetensors", field="--teacher-weights",
@@ -97,6 +106,13 @@ def _load_timm(spec: TeacherSpec, num_classes: int) -> nn.Module:
         )
     if not wpath.is_file():
         raise TeacherError("teacher weights not found", file=wpath, field="--teacher-weights")
+    return wpath
+
+
+def _load_timm(spec: TeacherSpec, num_classes: int) -> nn.Module:
+    import timm
+
+    wpath = _check_timm(spec)
     try:
         model = timm.create_model(spec.name, pretrained=False, num_classes=num_classes)
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError/KeyError for unknown names
@@ -124,10 +140,15 @@ def _load_timm(spec: TeacherSpec, num_classes: int) -> nn.Module:
     return _Normalised(model, mean, std)
 
 
-def _load_file(spec: TeacherSpec) -> nn.Module:
+def _check_file(spec: TeacherSpec) -> Path:
     path = Path(spec.name)
     if not path.is_file():
         raise TeacherError("teacher file not found", file=path, field="--teacher", fix="give FILE.py:FACTORY")
+    return path
+
+
+def _load_file(spec: TeacherSpec) -> nn.Module:
+    path = _check_file(spec)
     mod_name = "hellofmt_teacher_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     try:
         ispec = importlib.util.spec_from_file_location(mod_name, path)
@@ -207,6 +228,33 @@ def check_teacher(teacher: nn.Module, num_classes: int, probe: torch.Tensor, *, 
                            field="--teacher", file=name, fix="check the teacher's weights and input range")
 
 
+def _pair_weights(specs: list, weights) -> list[tuple[object, str | None]]:
+    """Pair ``--teacher-weights`` in order with the ``timm:`` teachers (TeacherError if too many)."""
+    if weights is None:
+        weights = []
+    elif not isinstance(weights, list):
+        weights = [weights]
+    n_timm = sum(isinstance(s, str) and s.startswith("timm:") for s in specs)
+    if len(weights) > n_timm:
+        raise TeacherError(f"{len(weights)} --teacher-weights for {n_timm} timm teacher(s)", field="--teacher-weights",
+                           fix="give one --teacher-weights per timm:NAME teacher, in the same order")
+    pending = list(weights)
+    return [(s, pending.pop(0) if isinstance(s, str) and s.startswith("timm:") and pending else None) for s in specs]
+
+
+def check_teacher_specs(specs: list[str | nn.Module] | str | nn.Module, weights: list[str | None] | str | None = None) -> None:
+    """Check every teacher spec without building any model: syntax, files present, a known timm
+    architecture, weights as safetensors. Run before the foundation is loaded, so a typo costs
+    nothing (a real foundation can be a large download)."""
+    if isinstance(specs, (str, nn.Module)):
+        specs = [specs]
+    for spec, w in _pair_weights(list(specs), weights):
+        if isinstance(spec, nn.Module):
+            continue
+        ts = parse_teacher_spec(spec, w)
+        _check_timm(ts) if ts.kind == "timm" else _check_file(ts)
+
+
 def load_teachers(
     specs: list[str | nn.Module] | str | nn.Module,
     *,
@@ -219,18 +267,8 @@ def load_teachers(
     the ``timm:`` teachers (a ``FILE.py:FACTORY`` teacher loads its own weights)."""
     if isinstance(specs, (str, nn.Module)):
         specs = [specs]
-    if weights is None:
-        weights = []
-    elif not isinstance(weights, list):
-        weights = [weights]
-    n_timm = sum(isinstance(s, str) and s.startswith("timm:") for s in specs)
-    if len(weights) > n_timm:
-        raise TeacherError(f"{len(weights)} --teacher-weights for {n_timm} timm teacher(s)", field="--teacher-weights",
-                           fix="give one --teacher-weights per timm:NAME teacher, in the same order")
-    pending = list(weights)
     models, descs = [], []
-    for spec in specs:
-        w = pending.pop(0) if isinstance(spec, str) and spec.startswith("timm:") and pending else None
+    for spec, w in _pair_weights(list(specs), weights):
         m, d = load_teacher(spec, num_classes=num_classes, weights=w)
         m = m.to(device)
         if probe is not None:
