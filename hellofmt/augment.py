@@ -344,11 +344,56 @@ def _partners(n: int, generator: torch.Generator | None, device) -> Tensor:
     return perm.to(device)
 
 
+def cutmix_boxes(
+    n: int, *, alpha: float = CUTMIX_ALPHA, generator: torch.Generator | None = None, device=None
+) -> tuple[Tensor, Tensor]:
+    """The random part of CutMix for a batch of ``n``: ``(perm, boxes)``, where ``boxes [n, 4]`` are
+    the pasted boxes ``(x0, y0, x1, y1)`` as fractions of the image, clipped to it.
+
+    Per sample, ``lam ~ Beta(alpha, alpha)`` sets a box of area ``1 - lam`` (sides ``sqrt(1 - lam)``
+    times the image's) centred uniformly at random. Fractions make the same cut applicable at any
+    resolution (:func:`paste`), so a student view and the foundation's view of it can be mixed
+    identically. ``perm`` is a random permutation without fixed points (for ``n > 1``).
+    """
+    alpha = _check_alpha(alpha)
+    lam0 = _beta(n, alpha, generator)
+    centre = _rand((2, n), generator)
+    perm = _partners(n, generator, device if device is not None else _gen_device(generator))
+    half = torch.sqrt(1.0 - lam0) / 2
+    boxes = torch.stack(
+        [centre[0] - half, centre[1] - half, centre[0] + half, centre[1] + half], dim=1
+    ).clamp(0.0, 1.0)
+    return perm, boxes.to(device=perm.device, dtype=torch.float64)
+
+
+def paste(images: Tensor, perm: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Paste into each image the box ``boxes[i]`` (fractions, as from :func:`cutmix_boxes`) of
+    ``images[perm[i]]``, snapped to whole pixels at this resolution; returns ``(mixed, lam)`` with
+    ``lam`` the actual fraction of each image kept, ``1 - pasted_pixels / (H * W)``."""
+    _check_images(images)
+    x = to_float(images)
+    b, _, h, w = x.shape
+    dev = x.device
+    bx = boxes.to(device=dev, dtype=torch.float64)
+    bx0 = torch.round(bx[:, 0] * w).long()
+    by0 = torch.round(bx[:, 1] * h).long()
+    bx1 = torch.round(bx[:, 2] * w).long()
+    by1 = torch.round(bx[:, 3] * h).long()
+    lam = 1.0 - ((bx1 - bx0) * (by1 - by0)).double() / (h * w)
+    cols = torch.arange(w, device=dev)
+    rows = torch.arange(h, device=dev)
+    in_x = (cols[None, :] >= bx0[:, None]) & (cols[None, :] < bx1[:, None])
+    in_y = (rows[None, :] >= by0[:, None]) & (rows[None, :] < by1[:, None])
+    mask = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # [B, 1, H, W]
+    mixed = torch.where(mask, x[perm.to(dev)], x)
+    return mixed, lam.to(device=dev, dtype=torch.float32)
+
+
 def cutmix(
     images: Tensor, *, alpha: float = CUTMIX_ALPHA, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """CutMix: paste into each image a box of its partner ``images[perm[i]]``; returns
-    ``(mixed, perm, lam)``.
+    ``(mixed, perm, lam)``: :func:`cutmix_boxes` then :func:`paste`.
 
     Per sample, ``lam ~ Beta(alpha, alpha)`` sets a box of area ``1 - lam`` (sides
     ``sqrt(1 - lam)`` times the image's) centred uniformly at random; the box is clipped to the
@@ -357,29 +402,9 @@ def cutmix(
     (for a batch of more than one), so every image gets another image's box.
     """
     _check_images(images)
-    alpha = _check_alpha(alpha)
-    x = to_float(images)
-    b, _, h, w = x.shape
-    lam0 = _beta(b, alpha, generator)
-    centre = _rand((2, b), generator)
-    perm = _partners(b, generator, x.device)
-    cut = torch.sqrt(1.0 - lam0)
-    cx, cy = centre[0] * w, centre[1] * h
-    half_w, half_h = cut * w / 2, cut * h / 2
-    bx0 = torch.round(cx - half_w).clamp(0, w).long()
-    bx1 = torch.round(cx + half_w).clamp(0, w).long()
-    by0 = torch.round(cy - half_h).clamp(0, h).long()
-    by1 = torch.round(cy + half_h).clamp(0, h).long()
-    lam = 1.0 - ((bx1 - bx0) * (by1 - by0)).double() / (h * w)
-    dev = x.device
-    cols = torch.arange(w, device=dev)
-    rows = torch.arange(h, device=dev)
-    bx0, bx1, by0, by1 = (t.to(dev) for t in (bx0, bx1, by0, by1))
-    in_x = (cols[None, :] >= bx0[:, None]) & (cols[None, :] < bx1[:, None])
-    in_y = (rows[None, :] >= by0[:, None]) & (rows[None, :] < by1[:, None])
-    mask = (in_y[:, :, None] & in_x[:, None, :])[:, None]  # [B, 1, H, W]
-    mixed = torch.where(mask, x[perm], x)
-    return mixed, perm, lam.to(device=dev, dtype=torch.float32)
+    perm, boxes = cutmix_boxes(images.shape[0], alpha=alpha, generator=generator, device=images.device)
+    mixed, lam = paste(images, perm, boxes)
+    return mixed, perm, lam
 
 
 def mixup(

@@ -548,17 +548,24 @@ class DistilledLoader:
                 mode = "cutmix" if bool(torch.rand((), generator=gen) < 0.5) else "mixup"
             resample = self.foundation_size and self.foundation_size != self.image_size
             if mode != "none":
-                mixer = augment.cutmix if mode == "cutmix" else augment.mixup
-                view, perm, lam = mixer(view, generator=gen)
+                if mode == "cutmix":
+                    perm, cut = augment.cutmix_boxes(n, generator=gen, device=self.device)
+                    view, lam = augment.paste(view, perm, cut)
+                else:
+                    view, perm, lam = augment.mixup(view, generator=gen)
                 # The hard label follows whichever image covers most of the view.
                 hard = torch.where(lam >= 0.5, hard, hard.index_select(0, perm))
                 label_view = view
-                if resample and mode == "mixup":
-                    # MixUp is linear, so it can be redone at the foundation's size; CutMix's
-                    # pasted box is not exposed, so its view is resized by the projector instead.
+                if resample:
+                    # Both mixes are redone on a view resampled from the source at the
+                    # foundation's size (the same crop, flip, partner and cut), rather than
+                    # resizing the student's view: a small student view would lose detail.
                     f = augment.crop_resize(src, boxes, flips, self.foundation_size, exact=_EXACT)
-                    lam4 = lam.to(f.dtype).view(-1, 1, 1, 1)
-                    label_view = (f * lam4 + f.index_select(0, perm) * (1 - lam4)).clamp_(0.0, 1.0)
+                    if mode == "cutmix":
+                        label_view, _ = augment.paste(f, perm, cut)
+                    else:
+                        lam4 = lam.to(f.dtype).view(-1, 1, 1, 1)
+                        label_view = (f * lam4 + f.index_select(0, perm) * (1 - lam4)).clamp_(0.0, 1.0)
             elif resample:
                 # Resample the projector's view from the same source boxes rather than resizing
                 # the student's view a second time.

@@ -399,3 +399,13 @@ def test_device_argument_places_samples():
     boxes = A.sample_boxes(4, generator=gen(), device="cpu")
     flips = A.sample_flips(4, generator=gen(), device="meta")
     assert boxes.device.type == "cpu" and flips.device.type == "meta"
+
+
+def test_paste_at_two_resolutions_agrees_with_cutmix():
+    x = torch.rand(6, 3, 16, 16)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    mixed, perm, lam = A.cutmix(x, generator=g1)
+    perm2, boxes = A.cutmix_boxes(6, generator=g2)
+    mixed2, lam2 = A.paste(x, perm2, boxes)
+    assert torch.equal(perm, perm2) and torch.equal(mixed, mixed2) and torch.equal(lam, lam2)
+    assert ((boxes >= 0) & (boxes <= 1)).all() and (boxes[:, 2] >= boxes[:, 0]).all()

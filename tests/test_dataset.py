@@ -364,3 +364,32 @@ def test_mixup_label_view_redone_at_foundation_size(ds, monkeypatch):
     (_, perm, lam), f = mixes[0], crops[1][3]
     lam4 = lam.view(-1, 1, 1, 1)
     assert torch.allclose(seen[0], (lam4 * f + (1 - lam4) * f[perm]).clamp(0, 1), atol=1e-6)
+
+
+def test_cutmix_label_view_redone_at_foundation_size(ds, monkeypatch):
+    # The same partner and the same fractional cut are pasted into a view resampled from the source
+    # at the foundation's size, so the projector sees the student's view at full detail.
+    from hellofmt import augment
+
+    crops, seen = _spy_crops_and_labels(monkeypatch)
+    pastes = []
+    real_paste = augment.paste
+
+    def paste(images, perm, boxes):
+        out = real_paste(images, perm, boxes)
+        pastes.append((images, perm, boxes, out))
+        return out
+
+    monkeypatch.setattr(augment, "paste", paste)
+    fsize = ds.projector.foundation.image_size
+    images, soft, hard = next(iter(ds.loader(batch_size=4, image_size=fsize // 2, mix="cutmix", temperature=1.0)))
+    student, label = pastes
+    assert student[0].shape[-1] == fsize // 2 and label[0].shape[-1] == fsize
+    assert student[1] is label[1] and student[2] is label[2], "same partners and cut boxes"
+    assert torch.equal(images, student[3][0]) and torch.equal(seen[0], label[3][0])
+    assert torch.equal(label[0], crops[1][3]), "the foundation view is resampled from the source"
+    # the cut covers the same fraction of the image at both sizes (up to pixel snapping)
+    assert torch.allclose(student[3][1], label[3][1], atol=4.0 / (fsize // 2))
+    with torch.no_grad():
+        assert torch.allclose(soft, torch.softmax(ds.projector(label[3][0]), 1), atol=1e-5)
+
