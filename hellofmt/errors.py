@@ -22,6 +22,7 @@ __all__ = [
     "BundleNotFoundError",
     "MissingFileError",
     "UnsafePathError",
+    "UnsafeFileNameError",
     "IntegrityError",
     "BundleExistsError",
     "ImageStoreError",
@@ -105,6 +106,11 @@ class MissingFileError(BundleError, FileNotFoundError):
 
 class UnsafePathError(BundleError):
     """A file name escapes the bundle (``..``, an absolute path, a symlink leading out)."""
+
+
+class UnsafeFileNameError(UnsafePathError, ManifestError):
+    """A manifest names a file that could escape the bundle (``..``, absolute, ``/``): both an
+    :class:`UnsafePathError` (what it is) and a :class:`ManifestError` (where it was found)."""
 
 
 class IntegrityError(BundleError):

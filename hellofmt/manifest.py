@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import FormatVersionError, ManifestError, UnsafePathError
+from .errors import FormatVersionError, ManifestError, UnsafeFileNameError
 
 __all__ = [
     "FORMAT_NAME",
@@ -243,11 +243,6 @@ def _plain(v: Any) -> Any:
     if isinstance(v, dict):
         return {k: _plain(x) for k, x in v.items()}
     return v
-
-
-class UnsafeFileNameError(UnsafePathError, ManifestError):
-    """A manifest names a file that could escape the bundle (``..``, absolute, ``/``): both an
-    :class:`UnsafePathError` (what it is) and a :class:`ManifestError` (where it was found)."""
 
 
 def check_file_name(name: str, file: str | None = None, field_path: str = "files") -> str:
