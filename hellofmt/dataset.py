@@ -232,6 +232,12 @@ class DistilledDataset:
     # ---- opening ---------------------------------------------------------------------------------
     @staticmethod
     def _resolve(source: str, revision: str | None, token) -> tuple[Path, bool]:
+        if not isinstance(source, (str, os.PathLike)):
+            raise InputError(
+                f"expected a bundle path or a Hub id, got {type(source).__name__}",
+                field="source",
+                fix='pass a directory ("path/to/bundle") or a Hub dataset id ("user/name")',
+            )
         if os.path.isdir(source):
             if revision is not None:
                 raise InputError(

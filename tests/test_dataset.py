@@ -258,6 +258,8 @@ def test_open_errors(tmp_path, tiny_bundle):
         DistilledDataset(tmp_path / "nope", device="cpu")
     with pytest.raises(InputError, match="revision"):
         DistilledDataset(tiny_bundle, device="cpu", revision="main")
+    with pytest.raises(InputError, match="expected a bundle path or a Hub id, got int"):
+        DistilledDataset(123, device="cpu")
     with pytest.raises(InputError):
         DistilledDataset(tiny_bundle, device="cpu", label_batch_size=0)
     with pytest.raises(InputError, match="device"):
