@@ -185,6 +185,12 @@ class DistilledDataset:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.label_batch_size = label_batch_size
+        if not isinstance(source, (str, os.PathLike)):
+            raise InputError(
+                f"expected a bundle path or a Hub id, got {type(source).__name__}",
+                field="source",
+                fix='pass a directory ("path/to/bundle") or a Hub dataset id ("user/name")',
+            )
         self.source = os.fspath(source)
         path, pulled = self._resolve(self.source, revision, token)
         # hub.pull has just checked every sha256; hashing the files a second time buys nothing.
@@ -232,12 +238,6 @@ class DistilledDataset:
     # ---- opening ---------------------------------------------------------------------------------
     @staticmethod
     def _resolve(source: str, revision: str | None, token) -> tuple[Path, bool]:
-        if not isinstance(source, (str, os.PathLike)):
-            raise InputError(
-                f"expected a bundle path or a Hub id, got {type(source).__name__}",
-                field="source",
-                fix='pass a directory ("path/to/bundle") or a Hub dataset id ("user/name")',
-            )
         if os.path.isdir(source):
             if revision is not None:
                 raise InputError(
