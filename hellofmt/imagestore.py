@@ -180,8 +180,8 @@ def read_safetensors_header(path: str | os.PathLike[str], *, file: str | os.Path
         raise TensorFileError(f"cannot read: {e.strerror or e}", file=file) from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise TensorFileError(f"safetensors header is not JSON: {e}", file=file) from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: hostile nesting
+        raise TensorFileError(f"safetensors header is not JSON: {type(e).__name__}: {str(e)[:200]}", file=file) from None
     if not isinstance(header, dict):
         raise TensorFileError("safetensors header is not a JSON object", file=file)
     data_len = size - 8 - n

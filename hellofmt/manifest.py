@@ -69,7 +69,7 @@ _VERSION = re.compile(r"^(\d+)\.(\d+)$")
 # A small typed reader: each accessor names the full field path in its error.
 # --------------------------------------------------------------------------------------------------
 class _Reader:
-    def __init__(self, obj: Any, path: str, file: str | None, known: tuple[str, ...] = ()):
+    def __init__(self, obj: Any, path: str, file: str | None):
         if not isinstance(obj, dict):
             raise ManifestError(
                 f"expected an object, got {_kind(obj)}", file=file, field=path or "<root>"
@@ -77,7 +77,6 @@ class _Reader:
         self.obj = obj
         self.path = path
         self.file = file
-        self.known = known
 
     def _p(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
@@ -117,15 +116,25 @@ class _Reader:
             raise self.error(key, f"expected an integer <= {hi}, got {v}")
         return v
 
+    def _number(self, v: Any, field_path: str) -> float:
+        # JSON integers are unbounded: a 400-digit one overflows float() rather than failing
+        # isfinite, so the conversion itself is guarded.
+        try:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        except OverflowError:
+            ok = False
+        if not ok:
+            raise ManifestError(f"expected a finite number, got {_kind(v)}", file=self.file, field=field_path)
+        return float(v)
+
     def float(self, key: str, required: bool = True, positive: bool = False):
         v = self.raw(key, required)
         if v is None:
             return None
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-            raise self.error(key, f"expected a finite number, got {_kind(v)}")
-        if positive and v <= 0:
+        f = self._number(v, self._p(key))
+        if positive and f <= 0:
             raise self.error(key, f"expected a number > 0, got {v}")
-        return float(v)
+        return f
 
     def bool(self, key: str, required: bool = True, default: bool = False):
         v = self.raw(key, required)
@@ -162,14 +171,7 @@ class _Reader:
             return None
         if length is not None and len(v) != length:
             raise self.error(key, f"expected {length} numbers, got {len(v)}")
-        out = []
-        for i, x in enumerate(v):
-            if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
-                raise ManifestError(
-                    f"expected a finite number, got {_kind(x)}", file=self.file, field=f"{self._p(key)}[{i}]"
-                )
-            out.append(float(x))
-        return out
+        return [self._number(x, f"{self._p(key)}[{i}]") for i, x in enumerate(v)]
 
     def int_list(self, key: str, required: bool = True, lo: int | None = None):
         v = self.list(key, required)
@@ -191,11 +193,11 @@ class _Reader:
             raise self.error(key, f"expected an object, got {_kind(v)}")
         return v
 
-    def sub(self, key: str, required: bool = True, known: tuple[str, ...] = ()) -> "_Reader | None":
+    def sub(self, key: str, required: bool = True) -> "_Reader | None":
         v = self.raw(key, required)
         if v is None:
             return None
-        return _Reader(v, self._p(key), self.file, known)
+        return _Reader(v, self._p(key), self.file)
 
     def extra(self, known: tuple[str, ...]) -> dict:
         return {k: v for k, v in self.obj.items() if k not in known}
@@ -625,8 +627,10 @@ class Manifest:
                 raise ManifestError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=file) from None
         try:
             obj = json.loads(text, parse_constant=_reject_constant)
-        except (json.JSONDecodeError, ValueError) as e:
-            raise ManifestError(f"not valid JSON: {e}", file=file, fix="the manifest must be a JSON object") from None
+        except (json.JSONDecodeError, ValueError, RecursionError) as e:
+            # RecursionError: hostile nesting ("[[[[..."), which json.loads does not turn into a ValueError
+            raise ManifestError(f"not valid JSON: {type(e).__name__}: {str(e)[:200]}", file=file,
+                                fix="the manifest must be a JSON object") from None
         return cls.from_dict(obj, file=file)
 
     @classmethod
@@ -662,10 +666,8 @@ class Manifest:
             check_file_name(name, file, f"files.{name}")
             files[name] = FileEntry.parse(files_r.sub(name))
         probe = r.sub("probe", required=False)
-        metrics = r.dict("metrics", required=False) or {}
-        for k, v in metrics.items():
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise ManifestError(f"expected a number, got {_kind(v)}", file=file, field=f"metrics.{k}")
+        metrics_r = r.sub("metrics", required=False)
+        metrics = {k: metrics_r.float(k) for k in metrics_r.obj} if metrics_r else {}
         man = cls(
             format=fmt,
             format_version=version,
@@ -677,7 +679,7 @@ class Manifest:
             labels=LabelRecipe.parse(r.sub("labels")),
             provenance=Provenance.parse(r.sub("provenance")),
             files=files,
-            metrics={k: float(v) for k, v in metrics.items()},
+            metrics=metrics,
             probe=Probe.parse(probe) if probe else None,
             extra=r.extra(_names(cls)),
         )

@@ -133,3 +133,18 @@ def test_listed_name_is_a_directory(bundle):
     (bundle / "projector.safetensors").unlink()
     (bundle / "projector.safetensors").mkdir()
     unchanged(bundle, lambda: Bundle.open(bundle), UnsafePathError, "not a regular file")
+
+
+def test_safetensors_header_with_hostile_nesting(tmp_path):
+    # A header of 200,000 '[' makes json.loads raise RecursionError, not a ValueError.
+    import struct
+
+    from hellofmt.errors import TensorFileError
+    from hellofmt.imagestore import read_safetensors_header
+
+    header = b"[" * 200_000
+    path = tmp_path / "nested.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    with pytest.raises(TensorFileError, match="not JSON: RecursionError") as e:
+        read_safetensors_header(path)
+    assert e.value.file == str(path)

@@ -66,3 +66,26 @@ def test_huge_manifest_is_refused_before_parsing(bundle):
     with open(bundle / MANIFEST_NAME, "ab") as f:
         f.truncate(17 * 1024 * 1024)
     refused(bundle, ManifestError, "over the")
+
+
+def test_deeply_nested_manifest(bundle):
+    # json.loads raises RecursionError (not a ValueError) on hostile nesting
+    (bundle / MANIFEST_NAME).write_text("[" * 200_000 + "]" * 200_000)
+    refused(bundle, ManifestError, "not valid JSON: RecursionError")
+
+
+def test_number_too_large_for_a_float(bundle):
+    # JSON integers are unbounded; float() of a 400-digit one overflows
+    text = (bundle / MANIFEST_NAME).read_text().replace('"temperature": 1.0', '"temperature": ' + "9" * 400)
+    assert "9" * 400 in text
+    (bundle / MANIFEST_NAME).write_text(text)
+    refused(bundle, ManifestError, "labels.temperature: expected a finite number")
+
+
+@pytest.mark.parametrize("value", ["1e400", "9" * 400, '"high"'])
+def test_metric_that_is_not_a_finite_number(bundle, value):
+    # written as text: json.dumps cannot produce these values
+    text = (bundle / MANIFEST_NAME).read_text()
+    assert '"metrics": {}' in text
+    (bundle / MANIFEST_NAME).write_text(text.replace('"metrics": {}', f'"metrics": {{"agreement": {value}}}'))
+    refused(bundle, ManifestError, "metrics.agreement: expected a finite number")
