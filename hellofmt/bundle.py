@@ -291,7 +291,15 @@ class Bundle:
         ImageDecodeError naming the shard and image on any inconsistency with the manifest.
         """
         im = self.manifest.images
-        images = torch.empty((im.count, 3, im.height, im.width), dtype=torch.uint8)
+        try:
+            images = torch.empty((im.count, 3, im.height, im.width), dtype=torch.uint8)
+        except (RuntimeError, MemoryError):
+            need = im.count * 3 * im.height * im.width
+            raise ImageStoreError(
+                f"cannot allocate {need:,} bytes for {im.count} images of {im.height}x{im.width}",
+                file=self.path / MANIFEST_NAME, field="images.count",
+                fix="free memory, or check the bundle: a manifest claiming more images than its shards hold is corrupt",
+            ) from None
         labels = []
         start = 0
         for shard in im.shards:

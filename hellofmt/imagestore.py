@@ -228,16 +228,19 @@ def load_safetensors(
     *,
     device: str | torch.device = "cpu",
     file: str | os.PathLike[str] | None = None,
+    header: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load every tensor of a safetensors file after :func:`read_safetensors_header` has checked it.
 
     Returns ``(tensors, metadata)``; metadata is the file's ``__metadata__`` ({} when absent).
-    Raises TensorFileError on any problem with the file.
+    ``header``: the result of :func:`read_safetensors_header` when the caller already has it, so
+    the header is read and checked once. Raises TensorFileError on any problem with the file.
     """
     from safetensors import safe_open
 
     file = path if file is None else file
-    header = read_safetensors_header(path, file=file)
+    if header is None:
+        header = read_safetensors_header(path, file=file)
     try:
         with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -417,7 +420,7 @@ def read_shard(
         if key in meta and _int_meta(meta, key) != val:
             raise bad(f"__metadata__.{key}", f"shard says {key} {meta[key]!r}, expected {val}")
 
-    tensors, _ = load_safetensors(path, file=file)
+    tensors, _ = load_safetensors(path, file=file, header=header)
     data, offsets, labels = tensors["data"], tensors["offsets"], tensors["labels"]
     if int(offsets[0]) != 0:
         raise bad("offsets", f"offsets[0] is {int(offsets[0])}, expected 0")

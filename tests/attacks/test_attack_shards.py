@@ -149,3 +149,19 @@ def test_shard_with_wrong_dtypes(bundle, encoded):
                "offsets": torch.zeros(7, dtype=torch.int32), "labels": torch.zeros(6, dtype=torch.int64)}
     replace_file(bundle, SHARD, save(tensors))
     refused(bundle, ImageStoreError, "expected a 1-D I64 tensor")
+
+
+def test_manifest_claiming_a_huge_image_count(bundle):
+    # Consistent counts pass Bundle.open; read_images must not die in the allocator with a bare
+    # RuntimeError when the claimed N x 3 x 4096 x 4096 bytes cannot be had.
+    def claim(o):
+        n = 10_000_000
+        o["images"].update(count=n, height=4096, width=4096)
+        o["images"]["shards"] = [dict(o["images"]["shards"][0], count=n)]
+        o["images"]["per_class"] = [n] + [0] * (len(o["classes"]) - 1)
+
+    edit_manifest(bundle, claim)
+    b = Bundle.open(bundle)
+    with pytest.raises(ImageStoreError, match="cannot allocate") as e:
+        b.read_images()
+    assert e.value.field == "images.count"
