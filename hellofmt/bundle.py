@@ -34,7 +34,7 @@ from .errors import (
     MissingFileError,
     UnsafePathError,
 )
-from .imagestore import DEFAULT_QUALITY, encode_shards, load_safetensors, read_safetensors_header, read_shard
+from .imagestore import _check_codec, encode_shards, load_safetensors, read_shard
 from .manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -107,13 +107,7 @@ class Bundle:
         """
         bundle = cls._load(path)
         for name, entry in bundle.manifest.files.items():
-            p = bundle.file(name)
-            size = p.stat().st_size
-            if size != entry.size:
-                raise IntegrityError(
-                    f"file is {size} bytes, the manifest says {entry.size}",
-                    file=p, field=f"files.{name}.size", fix="the file is truncated or altered: re-download or rebuild",
-                )
+            bundle._check_size(name, entry)
         bundle._warn_unlisted()
         if verify:
             for name, entry in bundle.manifest.files.items():
@@ -174,6 +168,15 @@ class Bundle:
         for name in self._unlisted():
             warnings.warn(f"{self.path / name}: not listed in the manifest; ignored", UnlistedFileWarning, stacklevel=3)
 
+    def _check_size(self, name: str, entry: FileEntry) -> None:
+        p = self.file(name)
+        size = p.stat().st_size
+        if size != entry.size:
+            raise IntegrityError(
+                f"file is {size} bytes, the manifest says {entry.size}",
+                file=p, field=f"files.{name}.size", fix="the file is truncated or altered: re-download or rebuild",
+            )
+
     def _check_hash(self, name: str, entry: FileEntry) -> None:
         p = self.file(name)
         digest = sha256_file(p)
@@ -206,10 +209,7 @@ class Bundle:
         healthy = set()
         for name, entry in m.files.items():
             def size_and_hash(name=name, entry=entry):
-                size = self.file(name).stat().st_size
-                if size != entry.size:
-                    raise IntegrityError(f"file is {size} bytes, the manifest says {entry.size}",
-                                         file=self.path / name, field=f"files.{name}.size")
+                self._check_size(name, entry)
                 self._check_hash(name, entry)
 
             if attempt(size_and_hash):
@@ -338,22 +338,19 @@ def verify_bundle(path: str | os.PathLike[str], *, probe: bool = True) -> list[s
     Raises a HellofmtError only when there is nothing to check against (no bundle, unreadable
     manifest). Everything else, including missing or unsafe files, becomes a problem line. When
     the files are sound and the manifest has a probe, ``hellofmt.probe.check_bundle_probe(bundle)``
-    (if that module provides it) re-computes the probe; a HellofmtError it raises, or the lines it
-    returns, are reported as problems.
+    re-computes the probe; a HellofmtError it raises, or the lines it returns, are reported as
+    problems.
     """
     bundle = Bundle._load(path)
     problems = bundle.verify()
     if probe and not problems and bundle.manifest.probe is not None:
+        from .probe import check_bundle_probe
+
         try:
-            from .probe import check_bundle_probe  # type: ignore[attr-defined]
-        except ImportError:
-            check_bundle_probe = None
-        if check_bundle_probe is not None:
-            try:
-                extra = check_bundle_probe(bundle)
-            except HellofmtError as e:
-                extra = [str(e)]
-            problems.extend(extra or [])
+            extra = check_bundle_probe(bundle)
+        except HellofmtError as e:
+            extra = [str(e)]
+        problems.extend(extra or [])
     return problems
 
 
@@ -465,14 +462,12 @@ class BundleWriter:
             if lo < 0 or hi >= num_classes:
                 raise InputError(f"labels must be in [0, {num_classes}), got values in [{lo}, {hi}]", field="labels")
         shards = []
-        q = None
         for name, count, payload in encode_shards(
             images, labels, codec=codec, quality=quality, max_shard_bytes=max_shard_bytes, num_threads=num_threads
         ):
             self.write_bytes(name, payload)
             shards.append(Shard(file=name, count=count))
-        if codec in ("jpeg", "webp"):
-            q = DEFAULT_QUALITY if quality is None else quality
+        q = _check_codec(codec, quality)
         per_class = torch.bincount(labels.detach().cpu().to(torch.int64), minlength=num_classes).tolist()
         return ImagesInfo(
             count=int(images.shape[0]), codec=codec, quality=q, height=int(images.shape[2]),
@@ -489,25 +484,6 @@ class BundleWriter:
         except Exception as e:  # shared storage, non-string metadata, ...
             raise InputError(f"cannot serialise tensors: {e}", field=name) from None
         return self.write_bytes(name, payload)
-
-    def copy_file(self, name: str, src: str | os.PathLike[str]) -> FileEntry:
-        """Copy an existing file into the bundle as ``name`` (hashed while copying)."""
-        self._check_open()
-        check_file_name(name, None, "name")
-        if name in (MANIFEST_NAME, README_NAME) or name in self._files:
-            raise InputError(f"{name!r} is reserved or already written", field="name")
-        h = hashlib.sha256()
-        size = 0
-        with open(src, "rb") as fi, open(self.tmpdir / name, "xb") as fo:
-            while chunk := fi.read(_CHUNK):
-                h.update(chunk)
-                fo.write(chunk)
-                size += len(chunk)
-            fo.flush()
-            os.fsync(fo.fileno())
-        entry = FileEntry(sha256=h.hexdigest(), size=size)
-        self._files[name] = entry
-        return entry
 
     def commit(self, manifest: Manifest) -> Path:
         """Fill ``manifest.files``, validate the manifest, write it, fsync, rename into place.

@@ -323,9 +323,9 @@ def encode_shards(
         offsets = torch.zeros(len(idx) + 1, dtype=torch.int64)
         if idx:
             offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
-        data = torch.frombuffer(bytearray(b"".join(encoded[i] for i in idx)), dtype=torch.uint8) if sum(lengths) \
+        data = torch.frombuffer(bytearray().join(encoded[i] for i in idx), dtype=torch.uint8) if sum(lengths) \
             else torch.empty(0, dtype=torch.uint8)
-        tensors = {"data": data, "offsets": offsets, "labels": labels[idx].clone() if idx else torch.empty(0, dtype=torch.int64)}
+        tensors = {"data": data, "offsets": offsets, "labels": labels[idx] if idx else torch.empty(0, dtype=torch.int64)}
         yield shard_name(k, len(groups)), len(idx), save(tensors, metadata={**meta, "count": str(len(idx))})
 
 
