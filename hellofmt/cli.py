@@ -15,6 +15,7 @@ import click
 
 from . import __version__
 from .errors import HellofmtError
+from .manifest import CODECS, MIX_MODES
 
 
 def _friendly_errors(fn):
@@ -93,9 +94,9 @@ def verify(bundle: str) -> None:
               help="Imitation loss: KL to the teacher at --temperature, or MSE on logits.")
 @click.option("--ce-weight", default=0.1, show_default=True, help="Weight of the hard-label cross-entropy.")
 @click.option("--temperature", default=1.0, show_default=True, help="Label temperature (KL loss, manifest recipe).")
-@click.option("--mix", type=click.Choice(["none", "cutmix", "mixup", "cutmix-mixup"]), default="cutmix", show_default=True,
+@click.option("--mix", type=click.Choice(MIX_MODES), default="cutmix", show_default=True,
               help="The loader's default mixing (label recipe).")
-@click.option("--distill-mix", type=click.Choice(["none", "cutmix", "mixup", "cutmix-mixup"]),
+@click.option("--distill-mix", type=click.Choice(MIX_MODES),
               help="Mixing of the distillation views (default: --mix).")
 @click.option("--image-size", type=int, help="Synthetic image side (default: the foundation's input size).")
 @click.option("--load-size", type=int, help="Side original images are loaded at (default: 8/7 of --image-size).")
@@ -104,7 +105,7 @@ def verify(bundle: str) -> None:
 @click.option("--refine-steps", default=0, show_default=True, help="Image refinement steps (0: off).")
 @click.option("--refine-lr", default=0.01, show_default=True)
 @click.option("--refine-prior", default=1.0, show_default=True, help="Weight of the stay-near-init term.")
-@click.option("--codec", type=click.Choice(["png", "jpeg", "webp", "raw"]), default="png", show_default=True)
+@click.option("--codec", type=click.Choice(CODECS), default="png", show_default=True)
 @click.option("--quality", type=int, help="jpeg/webp quality.")
 @click.option("--holdout", default=0.05, show_default=True, help="Fraction of original images held out for fidelity.")
 @click.option("--fidelity-views", default=4, show_default=True, help="Augmented views per image for fidelity.")

@@ -386,10 +386,9 @@ def _md(text: str) -> str:
 
 
 def _bytes(n: int) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            return f"{n:,} bytes ({n / size:.2f} {unit})"
-    return f"{n:,} bytes"
+    from .bundle import _human
+
+    return f"{n:,} bytes ({_human(n)})" if n >= 1000 else f"{n:,} bytes"
 
 
 def _size_category(n: int) -> str:
@@ -409,7 +408,7 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
     it replaces (images x 300 epochs x classes x 2 bytes), the fidelity metrics of
     ``manifest.metrics``, every file with its size and sha256, and a usage snippet for ``repo_id``.
     """
-    from .bundle import Bundle, summarize
+    from .bundle import Bundle, _ratio_text, summarize
 
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
@@ -450,8 +449,8 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
         f"| Label payload (projector) | {_bytes(lp['projector_bytes'])}: {pr['targets']} low-rank targets, "
         f"rank {ranks}{head}, {pr['dtype']} |",
         f"| Stored soft labels it replaces | {_bytes(lp['stored_label_bytes'])} "
-        f"({im['count']:,} images x 300 epochs x {m.num_classes:,} classes x 2 bytes) |",
-        f"| Ratio | stored labels would take {ratio:,.1f}x the label payload |" if ratio else "| Ratio | n/a |",
+        f"({lp['stored_label_rule']}) |",
+        f"| Ratio | the label payload is {_ratio_text(ratio)} |",
         "",
         "## Fidelity", "",
     ]
