@@ -409,3 +409,133 @@ def test_several_teachers_are_averaged(env):
         want = (a(x.mean((2, 3))) + b(x.mean((2, 3)))) / 2
         assert torch.allclose(ens(x), want, atol=1e-6)
     assert len(descs) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# review fixes
+# --------------------------------------------------------------------------------------------------
+def test_refine_resume_after_completion_returns_stored_images(tmp_path):
+    from hellofmt.build.checkpoint import CheckpointStore
+    from hellofmt.build.refine import refine_images
+
+    torch.manual_seed(0)
+    wrap = lambda: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),  # noqa: E731
+                                       torch.nn.Linear(3, 3))
+    projector, teacher = wrap().eval(), wrap().eval()
+    g = torch.Generator().manual_seed(1)
+    images = (torch.rand(6, 3, 16, 16, generator=g) * 255).to(torch.uint8)
+    labels = torch.arange(6) % 3
+    store = CheckpointStore(tmp_path / "ck")
+    kw = dict(steps=3, view_size=16, batch_size=4, lr=0.05, store=store, checkpoint_every=1, progress=False)
+    out, st = refine_images(projector, teacher, images, labels, **kw)
+    again, st2 = refine_images(projector, teacher, images, labels, resume=True, **kw)
+    assert again.dtype == torch.uint8 and torch.equal(again, out)
+    assert st2["refine_kl_before"] == st["refine_kl_before"] and st2["refine_kl_after"] == st["refine_kl_after"]
+    assert st2["refine_resumed_from"] == 3
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(lr=0.0), "--lr"),
+    (dict(lr=-1e-3), "--lr"),
+    (dict(weight_decay=-0.1), "--weight-decay"),
+    (dict(refine_steps=2, refine_lr=0.0), "--refine-lr"),
+    (dict(num_workers=-1), "--num-workers"),
+    (dict(fidelity_views=0), "--fidelity-views"),
+    (dict(candidates=0), "--candidates"),
+    (dict(load_size=0), "--load-size"),
+    (dict(codec="png", quality=90), "--quality"),
+    (dict(codec="jpeg", quality=0), "--quality"),
+    (dict(codec="gif"), "--codec"),
+    (dict(device="foo"), "--device"),
+    pytest.param(dict(device="cuda"), "--device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    (dict(device="cuda:99"), "--device"),
+])
+def test_bad_options_refused_up_front(env, monkeypatch, kw, field):
+    import hellofmt.foundation
+
+    def no_load(*a, **k):
+        raise AssertionError("the foundation was loaded before the options were checked")
+
+    monkeypatch.setattr(hellofmt.foundation, "load_foundation", no_load)
+    with pytest.raises(BuildInputError) as e:
+        _build(env, **kw)
+    assert e.value.field == field
+    assert not (env["tmp"] / "bundle").exists() and not (env["tmp"] / "bundle.ckpt").exists()
+
+
+def test_init_world_bad_device_is_an_input_error():
+    from hellofmt.build.dist import init_world
+
+    with pytest.raises(BuildInputError) as e:
+        init_world("foo")
+    assert e.value.field == "--device"
+
+
+def test_corrupt_build_json_on_resume_is_a_build_error(env, monkeypatch):
+    monkeypatch.setenv("HELLOFMT_TEST_FAIL_AFTER", "4")
+    with pytest.raises(KeyboardInterrupt):
+        _build(env, steps=8, checkpoint_every=2)
+    monkeypatch.delenv("HELLOFMT_TEST_FAIL_AFTER")
+    bj = env["tmp"] / "bundle.ckpt" / "build.json"
+    bj.write_text("{not json")
+    with pytest.raises(BuildError, match="unreadable checkpoint") as e:
+        _build(env, steps=8, checkpoint_every=2, resume=True)
+    assert e.value.file == str(bj) and "delete the checkpoint folder" in str(e.value)
+    bj.write_text("[1, 2]")
+    with pytest.raises(BuildError, match="JSON object"):
+        _build(env, steps=8, checkpoint_every=2, resume=True)
+    assert not (env["tmp"] / "bundle").exists()
+
+
+@pytest.mark.parametrize("edit, field", [
+    (lambda m: m.pop("step"), "step"),
+    (lambda m: m.update(step="4"), "step"),
+    (lambda m: m.update(done=1), "done"),
+    (lambda m: m.pop("tensors"), "tensors"),
+    (lambda m: m.update(tensors="../../etc/passwd"), "tensors"),
+])
+def test_malformed_stage_json_is_a_build_error(tmp_path, edit, field):
+    from hellofmt.build.checkpoint import CheckpointStore
+
+    store = CheckpointStore(tmp_path / "ck")
+    store.save("s", 2, params={"p": torch.ones(3)})
+    p = tmp_path / "ck" / "s.json"
+    meta = json.loads(p.read_text())
+    edit(meta)
+    p.write_text(json.dumps(meta))
+    with pytest.raises(BuildError) as e:
+        store.load("s")
+    assert e.value.field == field and e.value.file == str(p)
+    p.write_text("[]")
+    with pytest.raises(BuildError, match="JSON object"):
+        store.load("s")
+
+
+def test_truncated_checkpoint_tensors_are_a_build_error(tmp_path):
+    from hellofmt.build.checkpoint import CheckpointStore
+
+    store = CheckpointStore(tmp_path / "ck")
+    store.save("s", 2, params={"p": torch.ones(300)})
+    t = tmp_path / "ck" / "s-00000002.safetensors"
+    t.write_bytes(t.read_bytes()[:40])
+    with pytest.raises(BuildError, match="unreadable checkpoint tensors"):
+        store.load("s")
+
+
+def test_truncated_image_is_listed_up_front(env):
+    red = env["data"] / "red" / "0.png"
+    data = red.read_bytes()
+    red.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BuildInputError, match="1 unreadable image") as e:
+        _build(env)
+    assert str(red) in str(e.value)
+    assert not (env["tmp"] / "bundle").exists() and not (env["tmp"] / "bundle.ckpt").exists()
+
+
+def test_step_generator_is_on_the_cpu():
+    from hellofmt.build.distill import step_generator
+
+    g = step_generator(3, 1, 7, torch.device("cpu"))
+    assert g.device.type == "cpu"
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=step_generator(3, 1, 7, "cpu")))

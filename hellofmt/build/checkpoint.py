@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import BuildError
 
@@ -134,13 +134,7 @@ class CheckpointStore:
             (self.dir / old["tensors"]).unlink(missing_ok=True)
 
     def _read_json(self, stage: str) -> dict | None:
-        p = self.dir / f"{stage}.json"
-        if not p.is_file():
-            return None
-        try:
-            return json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise BuildError(f"unreadable checkpoint: {e}", file=p, fix="delete the checkpoint folder to start over") from None
+        return _read_json_file(self.dir / f"{stage}.json", stage=True)
 
     def load(self, stage: str) -> Checkpoint | None:
         """The last checkpoint of ``stage``, or None when there is none."""
@@ -148,12 +142,15 @@ class CheckpointStore:
         if meta is None:
             return None
         path = self.dir / meta["tensors"]
+        from ..errors import HellofmtError
+        from ..imagestore import load_safetensors
+
         try:
-            tensors = load_file(str(path))
-        except Exception as e:  # noqa: BLE001 - missing or truncated file
-            raise BuildError(f"unreadable checkpoint tensors: {e}", file=path,
-                             fix="delete the checkpoint folder to start over") from None
-        return Checkpoint(stage=stage, step=int(meta["step"]), done=bool(meta["done"]), tensors=tensors,
+            tensors, _ = load_safetensors(path, file=path)
+        except (HellofmtError, OSError) as e:  # missing or truncated file
+            raise BuildError(f"unreadable checkpoint tensors: {getattr(e, 'message', e)}", file=path,
+                             fix=_FIX) from None
+        return Checkpoint(stage=stage, step=meta["step"], done=meta["done"], tensors=tensors,
                           scalars=meta.get("scalars", {}))
 
     def write_json(self, name: str, obj: dict) -> None:
@@ -162,8 +159,39 @@ class CheckpointStore:
             atomic_write_text(self.dir / name, json.dumps(obj, indent=1, default=_json_default) + "\n")
 
     def read_json(self, name: str) -> dict | None:
-        p = self.dir / name
-        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+        return _read_json_file(self.dir / name)
+
+
+_FIX = "delete the checkpoint folder to start over"
+
+
+def _read_json_file(p: Path, *, stage: bool = False) -> dict | None:
+    """A checkpoint JSON object, or None when the file does not exist. ``stage`` files must also hold
+    an integer ``step``, a boolean ``done`` and ``tensors``, a plain file name in the folder."""
+    if not p.is_file():
+        return None
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BuildError(f"unreadable checkpoint: {e}", file=p, fix=_FIX) from None
+    if not isinstance(meta, dict):
+        raise BuildError(f"expected a JSON object, got {type(meta).__name__}", file=p, fix=_FIX)
+    if stage:
+        step, done, tensors = meta.get("step"), meta.get("done"), meta.get("tensors")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise BuildError(f"expected an integer step >= 0, got {step!r}", file=p, field="step", fix=_FIX)
+        if not isinstance(done, bool):
+            raise BuildError(f"expected true or false, got {done!r}", file=p, field="done", fix=_FIX)
+        from ..errors import HellofmtError
+        from ..manifest import check_file_name
+
+        try:
+            check_file_name(tensors, file=str(p), field_path="tensors")
+        except HellofmtError as e:
+            raise BuildError(e.message, file=p, field="tensors", fix=_FIX) from None
+        if not isinstance(meta.get("scalars", {}), dict):
+            raise BuildError("expected a JSON object", file=p, field="scalars", fix=_FIX)
+    return meta
 
 
 def _json_default(o: Any):

@@ -35,14 +35,6 @@ class World:
             else:
                 dist.barrier()
 
-    def broadcast_object(self, obj):
-        """Rank 0's ``obj`` on every rank (used to share an error or a decision)."""
-        if self.size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
     def close(self) -> None:
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -57,11 +49,17 @@ def init_world(device: str | torch.device | None = None) -> World:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local if size > 1 else torch.cuda.current_device())
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    try:
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", local if size > 1 else torch.cuda.current_device())
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as e:  # unknown name, no CUDA, bad index
+        from ..errors import BuildInputError
+
+        raise BuildInputError(f"cannot use device {device!r}: {e}", field="--device",
+                              fix="use cpu, cuda or cuda:N (N below the number of visible GPUs)") from None
     if size <= 1:
         return World(0, 1, 0, dev, False)
     owns = False

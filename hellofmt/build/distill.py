@@ -30,7 +30,7 @@ from .. import augment
 from .checkpoint import CheckpointStore
 from .dist import World
 
-__all__ = ["DistillConfig", "distill_projector", "make_views", "step_generator", "cosine_lr"]
+__all__ = ["DistillConfig", "distill_projector", "make_views", "step_generator", "cosine_lr", "kl_per_sample"]
 
 
 @dataclass
@@ -54,9 +54,13 @@ class DistillConfig:
     grad_clip: float = 1.0
 
 
-def step_generator(seed: int, rank: int, step: int, device) -> torch.Generator:
-    """A generator seeded from (seed, rank, step): the randomness of a step survives a restart."""
-    g = torch.Generator(device=device)
+def step_generator(seed: int, rank: int, step: int, device=None) -> torch.Generator:
+    """A CPU generator seeded from (seed, rank, step): the randomness of a step survives a restart.
+
+    Always on the CPU (``device`` is ignored, kept for callers): :mod:`hellofmt.augment` draws its
+    few random numbers per batch on the generator's device and moves them over, so the same seed gives
+    the same views on the CPU and on CUDA and no draw needs a device->host sync."""
+    g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + rank * 7_919 + step * 104_729) % (2**63 - 1))
     return g
 
@@ -82,12 +86,12 @@ def make_views(
     if mix == "none" or n < 2:
         return views, labels, labels, ones
     if mix == "cutmix-mixup":
-        use = "cutmix" if torch.rand((), generator=generator, device=dev).item() < 0.5 else "mixup"
+        use = "cutmix" if torch.rand((), generator=generator, device=generator.device).item() < 0.5 else "mixup"
     else:
         use = mix
     fn = augment.cutmix if use == "cutmix" else augment.mixup
     views, perm, lam = fn(views, generator=generator)
-    return views, labels, labels[perm], lam.to(dev).float().expand(n) if lam.dim() == 0 else lam.float()
+    return views, labels, labels[perm], lam.to(dev).float()  # per-sample lam [n] from cutmix and mixup
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
@@ -97,13 +101,17 @@ def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     return base * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def kl_per_sample(p: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
+    """KL(softmax(t/T) || softmax(p/T)) per sample [B] (teacher logits ``t``, projector logits ``p``)."""
+    return F.kl_div(F.log_softmax(p / T, 1), F.log_softmax(t / T, 1), log_target=True, reduction="none").sum(1)
+
+
 def distill_loss(p: torch.Tensor, t: torch.Tensor, y: torch.Tensor, y2: torch.Tensor, lam: torch.Tensor,
                  cfg: DistillConfig) -> torch.Tensor:
     """Imitation term + weighted hard-label cross-entropy (lam-mixed for CutMix/MixUp views)."""
     if cfg.loss == "kl":
         T = cfg.temperature
-        imit = F.kl_div(F.log_softmax(p / T, 1), F.log_softmax(t / T, 1), log_target=True,
-                        reduction="batchmean") * T * T
+        imit = kl_per_sample(p, t, T).sum() / p.shape[0] * T * T  # "batchmean"
     else:
         imit = F.mse_loss(p, t)
     if cfg.ce_weight > 0:
@@ -167,7 +175,8 @@ def distill_projector(
     bar = tqdm(total=total, initial=start, desc="distil projector", disable=not (progress and world.is_main),
                dynamic_ncols=True)
     step = start
-    ema_loss = ema_agree = None
+    ema_loss = ema_agree = None  # device tensors: read back only when shown or checkpointed
+    shown = None
     t0 = time.perf_counter()
     model.train()
     while step < total:
@@ -198,18 +207,25 @@ def distill_projector(
                 torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
             opt.step()
             step += 1
-            agree = (p.argmax(1) == t.argmax(1)).float().mean().item()
-            ema_loss = loss.item() if ema_loss is None else 0.9 * ema_loss + 0.1 * loss.item()
-            ema_agree = agree if ema_agree is None else 0.9 * ema_agree + 0.1 * agree
+            with torch.no_grad():
+                agree = (p.argmax(1) == t.argmax(1)).double().mean()
+                lossd = loss.detach().double()  # float64, as the Python floats were
+                ema_loss = lossd if ema_loss is None else 0.9 * ema_loss + 0.1 * lossd
+                ema_agree = agree if ema_agree is None else 0.9 * ema_agree + 0.1 * agree
             bar.update(1)
-            bar.set_postfix(loss=f"{ema_loss:.4f}", agree=f"{ema_agree:.3f}")
+            now = time.perf_counter()
+            if not bar.disable and (shown is None or now - shown >= 0.5 or step >= total):
+                shown = now
+                bar.set_postfix(loss=f"{ema_loss.item():.4f}", agree=f"{ema_agree.item():.3f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 if world.is_main:
                     store.save("distill", step, params=params, optimizer=opt,
-                               scalars={"total": total, "stats": {"loss": ema_loss, "agreement": ema_agree}})
+                               scalars={"total": total, "stats": {"loss": ema_loss.item(),
+                                                                   "agreement": ema_agree.item()}})
                 world.barrier()
     bar.close()
-    stats = {"loss": float(ema_loss or 0.0), "agreement": float(ema_agree or 0.0)}
+    stats = {"loss": float(ema_loss.item()) if ema_loss is not None else 0.0,
+             "agreement": float(ema_agree.item()) if ema_agree is not None else 0.0}
     if world.is_main:
         store.save("distill", step, params=params, optimizer=opt, scalars={"total": total, "stats": stats}, done=True)
     world.barrier()

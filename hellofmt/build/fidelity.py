@@ -9,10 +9,9 @@ and accuracy against the hard labels of projector and teacher.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .distill import make_views, step_generator
+from .distill import kl_per_sample, make_views, step_generator
 
 __all__ = ["measure"]
 
@@ -37,8 +36,7 @@ def measure(projector: nn.Module, teacher: nn.Module, images: torch.Tensor, labe
                 t = teacher(x).float()
             p = projector(x).float()
             T = temperature
-            kl += F.kl_div(F.log_softmax(p / T, 1), F.log_softmax(t / T, 1), log_target=True,
-                           reduction="sum").item()
+            kl += kl_per_sample(p, t, T).sum().item()
             agree += (p.argmax(1) == t.argmax(1)).sum().item()
             p_acc += (p.argmax(1) == y).sum().item()
             t_acc += (t.argmax(1) == y).sum().item()

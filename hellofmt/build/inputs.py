@@ -51,12 +51,6 @@ class ImageFolder:
     def labels(self) -> torch.Tensor:
         return torch.tensor([c for _, c in self.samples], dtype=torch.int64)
 
-    def per_class(self) -> list[int]:
-        counts = [0] * self.num_classes
-        for _, c in self.samples:
-            counts[c] += 1
-        return counts
-
 
 @dataclass
 class TensorData:
@@ -126,9 +120,9 @@ def load_class_map(path: str | os.PathLike[str]) -> dict[str, str]:
 def _readable(path: str) -> str | None:
     try:
         with Image.open(path) as im:
-            im.size  # the header parse catches truncation at the start and non-images
             if im.format is None:
                 return "unknown image format"
+            im.load()  # decode it all: a truncated file fails here, not mid-distillation
     except Exception as e:  # noqa: BLE001 - PIL raises many kinds; every one means "unreadable"
         return f"{type(e).__name__}: {e}"
     return None
@@ -138,8 +132,6 @@ def scan_image_folder(
     root: str | os.PathLike[str],
     *,
     class_map: dict[str, str] | None = None,
-    check_images: bool = True,
-    num_threads: int | None = None,
     what: str = "--train-data",
 ) -> ImageFolder:
     """List an image-folder tree (one sub-folder per class, images inside, nested folders allowed)
@@ -186,17 +178,16 @@ def scan_image_folder(
             raise BuildInputError(f"two folders map to the same class name: {dups[:5]}", field="--classes")
     else:
         names = [f.replace("_", " ") for f in folders]
-    if check_images:
-        with ThreadPoolExecutor(num_threads or min(16, (os.cpu_count() or 2) * 2)) as pool:
-            problems = list(pool.map(_readable, [s for s, _ in samples]))
-        bad = [(s, p) for (s, _), p in zip(samples, problems) if p]
-        if bad:
-            listed = "; ".join(f"{s} ({p})" for s, p in bad[:_MAX_LISTED])
-            more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-            raise BuildInputError(
-                f"{len(bad)} unreadable image(s): {listed}{more}", file=root, field=what,
-                fix="delete or re-encode them",
-            )
+    with ThreadPoolExecutor(min(16, (os.cpu_count() or 2) * 2)) as pool:
+        problems = list(pool.map(_readable, [s for s, _ in samples]))
+    bad = [(s, p) for (s, _), p in zip(samples, problems) if p]
+    if bad:
+        listed = "; ".join(f"{s} ({p})" for s, p in bad[:_MAX_LISTED])
+        more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise BuildInputError(
+            f"{len(bad)} unreadable image(s): {listed}{more}", file=root, field=what,
+            fix="delete or re-encode them",
+        )
     return ImageFolder(root=root, folders=folders, names=names, samples=samples)
 
 

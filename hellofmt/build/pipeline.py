@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import BuildError, BuildInputError
+from ..errors import BuildError, BuildInputError, HellofmtError
 from ..manifest import MIX_MODES, CODECS, Head, LabelRecipe, Manifest, Provenance
 from .checkpoint import CheckpointStore
 from .dist import init_world
@@ -82,6 +82,48 @@ def _check_options(**o: Any) -> None:
         bad("--batch-size", "expected an integer >= 1")
     if o["image_size"] is not None and o["image_size"] < 8:
         bad("--image-size", "expected an integer >= 8")
+    if o["load_size"] is not None and o["load_size"] < 1:
+        bad("--load-size", "expected an integer >= 1")
+    if not o["lr"] > 0:
+        bad("--lr", f"expected a number > 0, got {o['lr']}")
+    if not o["weight_decay"] >= 0:
+        bad("--weight-decay", f"expected a number >= 0, got {o['weight_decay']}")
+    if o["refine_steps"] > 0 and not o["refine_lr"] > 0:
+        bad("--refine-lr", f"expected a number > 0, got {o['refine_lr']}")
+    if o["num_workers"] < 0:
+        bad("--num-workers", f"expected an integer >= 0, got {o['num_workers']}")
+    if o["fidelity_views"] < 1:
+        bad("--fidelity-views", f"expected an integer >= 1, got {o['fidelity_views']}")
+    if o["candidates"] < 1:
+        bad("--candidates", f"expected an integer >= 1, got {o['candidates']}")
+    from ..imagestore import _check_codec
+
+    try:
+        _check_codec(o["codec"], o["quality"])
+    except HellofmtError as e:
+        name = "--quality" if e.field == "quality" or "quality" in e.message else "--codec"
+        if e.field in ("--quality", "--codec"):
+            raise
+        bad(name, e.message, e.fix)
+    _check_device(o["device"])
+
+
+def _check_device(device: Any) -> None:
+    """``--device`` names a device this machine has (checked before anything is built)."""
+    if device is None:
+        return
+    fix = "use cpu, cuda or cuda:N (N below the number of visible GPUs)"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise BuildInputError(f"not a device: {device!r} ({e})", field="--device", fix=fix) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BuildInputError(f"{device!r}: CUDA is not available on this machine", field="--device",
+                                  fix="use --device cpu, or run where a CUDA GPU is visible")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BuildInputError(f"{device!r}: only {torch.cuda.device_count()} CUDA device(s) visible",
+                                  field="--device", fix=fix)
 
 
 def _resolve_data(train_data, classes) -> tuple[ImageFolder | TensorData, list[str]]:
@@ -266,8 +308,7 @@ def build(
             projector.to(dev)
             gen = torch.Generator().manual_seed(seed)
             projector.attach_deltas(rank=rank, alpha=alpha, targets=list(targets) if targets else None,
-                                    head_rank=head_rank, head_alpha=head_alpha, generator=gen)
-            projector.to(dev)
+                                    head_rank=head_rank, head_alpha=head_alpha, generator=gen)  # on dev
             cfg = DistillConfig(steps=steps, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                                 loss=loss, ce_weight=ce_weight, temperature=temperature, view_size=size,
                                 mix=distill_mix or mix,
@@ -324,7 +365,7 @@ def build(
             for k, v in measure(projector, ens, held.to(dev), held_labels.to(dev), view_size=size,
                                 views=fidelity_views, temperature=temperature, mix="none").items():
                 metrics[f"fidelity.heldout.{k}"] = v
-            deltas = {k: v.detach().float().cpu().contiguous() for k, v in projector.delta_tensors().items()}
+            deltas = projector.delta_tensors()  # float32 contiguous CPU copies
             info = projector.projector_info()
             projector.merge()
             from ..probe import compute_probe
@@ -344,11 +385,10 @@ def build(
                 if ref.source == "embedded":
                     w.write_tensors(ref.weights_file, embedded_state,
                                     {"format": "hellofmt-foundation", "architecture": ref.architecture})
-                scale = float(getattr(projector, "logit_scale", 0) or 0) or _logit_scale(projector)
                 manifest = Manifest(
                     classes=list(names),
                     foundation=ref,
-                    head=Head(templates=list(templates or DEFAULT_TEMPLATES), logit_scale=scale),
+                    head=Head(templates=list(templates or DEFAULT_TEMPLATES), logit_scale=projector.logit_scale),
                     projector=info,
                     images=img_info,
                     labels=LabelRecipe(temperature=temperature, mix=mix),
@@ -381,15 +421,6 @@ def _embed(spec: Any, embed: bool | None) -> bool:
         return bool(embed)
     s = str(spec)
     return ":" not in s or s.endswith(".json") or ".json:" in s
-
-
-def _logit_scale(projector) -> float:
-    info = getattr(projector, "head_logit_scale", None)
-    if info:
-        return float(info)
-    clip = getattr(projector, "clip", None)
-    ls = getattr(clip, "logit_scale", None)
-    return float(ls.exp()) if isinstance(ls, torch.Tensor) else 100.0
 
 
 def _probe_indices(labels: torch.Tensor, train_idx: list[int], per_class: int = 1) -> list[int]:

@@ -10,20 +10,17 @@ bundle stores).
 
 from __future__ import annotations
 
+import time
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointStore
-from .distill import make_views, step_generator
+from .distill import kl_per_sample, make_views, step_generator
 
 __all__ = ["refine_images", "discrepancy"]
 
 _PRIOR_RMS = 0.05
-
-
-def _kl(p: torch.Tensor, t: torch.Tensor, T: float) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(p / T, 1), F.log_softmax(t / T, 1), log_target=True, reduction="none").sum(1)
 
 
 @torch.no_grad()
@@ -43,7 +40,7 @@ def discrepancy(projector: nn.Module, teacher: nn.Module, images: torch.Tensor, 
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 t = teacher(x).float()
             p = projector(x).float()
-            total += _kl(p, t, temperature).sum().item()
+            total += kl_per_sample(p, t, temperature).sum().item()
             n += x.shape[0]
     return total / max(1, n)
 
@@ -75,38 +72,52 @@ def refine_images(
     dev = images.device
     for p in projector.parameters():
         p.requires_grad_(False)
+    ck = store.load("refine") if (store is not None and resume) else None
+    saved = ck.params().get("images") if ck is not None else None
+    if saved is not None and saved.shape != images.shape:
+        saved = None
+    if ck is not None and ck.done and ck.step == steps and saved is not None and saved.dtype == torch.uint8:
+        # A finished refinement stored the final uint8 images and both figures: nothing to redo.
+        before = float(ck.scalars.get("before", float("nan")))
+        after = float(ck.scalars.get("after", float("nan")))
+        return saved.to(dev), {"refine_kl_before": before, "refine_kl_after": after,
+                               "refine_steps": float(steps), "refine_resumed_from": float(ck.step)}
     init = images.float() / 255
     before = discrepancy(projector, teacher, images, view_size=view_size, temperature=temperature, scale=scale)
     x = nn.Parameter(init.clone())
     opt = torch.optim.Adam([x], lr=lr)
     start = 0
-    ck = store.load("refine") if (store is not None and resume) else None
-    if ck is not None and ck.params().get("images") is not None and ck.params()["images"].shape == x.shape:
+    if saved is not None and not ck.done:
         with torch.no_grad():
-            x.copy_(ck.params()["images"].to(dev))
+            # unfinished checkpoints hold the float parameter in [0, 1]; scale uint8 just in case
+            x.copy_(saved.to(dev, torch.float32) / (255 if saved.dtype == torch.uint8 else 1))
         st = ck.optimizer_state()
         if st is not None:
             opt.load_state_dict(st)
         start = ck.step
     bar = tqdm(total=steps, initial=start, desc="refine images", disable=not progress, dynamic_ncols=True)
     n = images.shape[0]
+    shown = None
     for step in range(start, steps):
         g = step_generator(seed + 17, 0, step, dev)
-        idx = torch.randperm(n, generator=g, device=dev)[:batch_size]
+        idx = torch.randperm(n, generator=g)[:batch_size].to(dev)
         v, *_ = make_views(x[idx], labels[idx], size=view_size, generator=g, scale=scale, mix=mix)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             t = teacher(v).float()
         p = projector(v).float()
         # The prior costs ``prior`` at an RMS pixel change of 5%, whatever the resolution.
         drift = (x[idx] - init[idx]).pow(2).mean() / _PRIOR_RMS**2
-        loss = _kl(p, t, temperature).mean() + prior * drift
+        loss = kl_per_sample(p, t, temperature).mean() + prior * drift
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         with torch.no_grad():
             x.clamp_(0, 1)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        now = time.perf_counter()
+        if not bar.disable and (shown is None or now - shown >= 0.5 or step + 1 >= steps):
+            shown = now  # the loss is read back (a host sync) only when the bar shows it
+            bar.set_postfix(loss=f"{loss.item():.4f}")
         if store is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
             store.save("refine", step + 1, params={"images": x.detach()}, optimizer=opt)
     bar.close()

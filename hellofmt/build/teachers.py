@@ -30,17 +30,15 @@ __all__ = ["TeacherSpec", "parse_teacher_spec", "load_teacher", "TeacherEnsemble
 
 @dataclass
 class TeacherSpec:
-    kind: str  # "timm" | "file" | "module"
-    name: str  # timm architecture, or FILE.py path, or a description of the module
+    kind: str  # "timm" | "file"
+    name: str  # timm architecture, or FILE.py path
     factory: str | None = None
     weights: str | None = None
 
     def describe(self) -> str:
         if self.kind == "timm":
             return f"timm:{self.name}" + (f" ({Path(self.weights).name})" if self.weights else "")
-        if self.kind == "file":
-            return f"{Path(self.name).name}:{self.factory}"
-        return self.name
+        return f"{Path(self.name).name}:{self.factory}"
 
 
 def parse_teacher_spec(spec: str, weights: str | None = None) -> TeacherSpec:
@@ -118,12 +116,14 @@ def _load_timm(spec: TeacherSpec, num_classes: int) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError/KeyError for unknown names
         raise TeacherError(f"timm cannot build {spec.name!r}: {e}", field="--teacher",
                            fix="see timm.list_models()") from None
-    from safetensors.torch import load_file
+    from ..errors import HellofmtError
+    from ..imagestore import load_safetensors
 
     try:
-        state = load_file(str(wpath))
-    except Exception as e:  # noqa: BLE001 - a corrupt header raises SafetensorError
-        raise TeacherError(f"cannot read safetensors: {e}", file=wpath, field="--teacher-weights") from None
+        state, _ = load_safetensors(wpath, file=wpath)  # checks the header before reading tensors
+    except (HellofmtError, OSError) as e:
+        raise TeacherError(f"cannot read safetensors: {getattr(e, 'message', e)}", file=wpath,
+                           field="--teacher-weights") from None
     state = {k.removeprefix("module."): v for k, v in state.items()}
     try:
         model.load_state_dict(state, strict=True)
@@ -252,7 +252,10 @@ def check_teacher_specs(specs: list[str | nn.Module] | str | nn.Module, weights:
         if isinstance(spec, nn.Module):
             continue
         ts = parse_teacher_spec(spec, w)
-        _check_timm(ts) if ts.kind == "timm" else _check_file(ts)
+        if ts.kind == "timm":
+            _check_timm(ts)
+        else:
+            _check_file(ts)
 
 
 def load_teachers(
