@@ -39,6 +39,7 @@ __all__ = [
     "random_resized_crop",
     "cutmix",
     "mixup",
+    "blend",
     "apply_mix",
     "CUTMIX_ALPHA",
     "MIXUP_ALPHA",
@@ -92,12 +93,24 @@ def _check_n(n) -> int:
     return n
 
 
+def _number(name: str, x) -> float:
+    """``float(x)``, or :class:`InputError` naming ``name`` when ``x`` is not a finite number."""
+    try:
+        v = float(x)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"expected a number, got {x!r}", field=name) from None
+    if not math.isfinite(v):
+        raise InputError(f"expected a finite number, got {x!r}", field=name)
+    return v
+
+
 def _check_range(name: str, pair, lo_exclusive: float, hi: float | None) -> tuple[float, float]:
     try:
-        a, b = (float(x) for x in pair)
+        a, b = pair
     except (TypeError, ValueError):
         raise InputError(f"expected two numbers, got {pair!r}", field=name) from None
-    if not (math.isfinite(a) and math.isfinite(b) and lo_exclusive < a <= b and (hi is None or b <= hi)):
+    a, b = _number(name, a), _number(name, b)
+    if not (lo_exclusive < a <= b and (hi is None or b <= hi)):
         bound = f"{lo_exclusive} < min <= max" + (f" <= {hi}" if hi is not None else "")
         raise InputError(f"expected {bound}, got ({a}, {b})", field=name)
     return a, b
@@ -128,8 +141,8 @@ def sample_boxes(
     n = _check_n(n)
     smin, smax = _check_range("scale", scale, 0.0, 1.0)
     rmin, rmax = _check_range("ratio", ratio, 0.0, None)
-    aspect = float(aspect)
-    if not (math.isfinite(aspect) and aspect > 0):
+    aspect = _number("aspect", aspect)
+    if not aspect > 0:
         raise InputError(f"expected aspect (width / height) > 0, got {aspect}", field="aspect")
     # A fixed number of draws per call, whatever is accepted, keeps the generator's stream (and so
     # every later batch) independent of the values.
@@ -167,7 +180,7 @@ def sample_flips(
 ) -> Tensor:
     """``n`` horizontal-flip decisions, bool ``[n]``, each True with probability ``p``."""
     n = _check_n(n)
-    p = float(p)
+    p = _number("p", p)
     if not 0.0 <= p <= 1.0:
         raise InputError(f"expected a probability in [0, 1], got {p}", field="p")
     return (_rand((n,), generator) < p).to(device)
@@ -322,8 +335,8 @@ def random_resized_crop(
 # CutMix and MixUp
 # --------------------------------------------------------------------------------------------------
 def _check_alpha(alpha) -> float:
-    alpha = float(alpha)
-    if not (math.isfinite(alpha) and alpha > 0):
+    alpha = _number("alpha", alpha)
+    if not alpha > 0:
         raise InputError(f"expected alpha > 0, got {alpha}", field="alpha")
     return alpha
 
@@ -418,9 +431,17 @@ def mixup(
     b = x.shape[0]
     lam = _beta(b, alpha, generator).to(device=x.device, dtype=x.dtype)
     perm = _partners(b, generator, x.device)
-    lam4 = lam[:, None, None, None]
-    mixed = x * lam4 + x[perm] * (1.0 - lam4)
-    return mixed.clamp_(0.0, 1.0), perm, lam.float()
+    return blend(x, perm, lam), perm, lam.float()
+
+
+def blend(images: Tensor, perm: Tensor, lam: Tensor) -> Tensor:
+    """Blend each image with its partner: ``lam[i] * images[i] + (1 - lam[i]) * images[perm[i]]``,
+    clamped to [0, 1] (the MixUp counterpart of :func:`paste`, so the same mix can be redone at
+    another resolution). Returns floating point in [0, 1]."""
+    x = to_float(images)
+    lam4 = lam.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
+    mixed = x * lam4 + x.index_select(0, perm.to(x.device)) * (1.0 - lam4)
+    return mixed.clamp_(0.0, 1.0)
 
 
 def apply_mix(

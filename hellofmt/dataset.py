@@ -42,6 +42,9 @@ DEFAULT_LABEL_BATCH = 256
 # separable one, and its ~3e-5 round-off is far below what a random crop changes. The probe keeps
 # the exact path, where builder and loader must agree to the last bit that matters.
 _EXACT = False
+# shard_indices seeds a torch.Generator with seed + epoch, which must fit in an int64.
+_SEED_LIMIT = 2**63
+_EPOCH_LIMIT = 2**62
 
 
 def format_bytes(n: int) -> str:
@@ -127,16 +130,6 @@ def _resolve_device(device) -> torch.device:
     return dev
 
 
-def _check_pair(value, name: str, lo_open: bool = True) -> tuple[float, float]:
-    try:
-        a, b = (float(v) for v in value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be two numbers (min, max), got {value!r}", field=name) from None
-    if not (math.isfinite(a) and math.isfinite(b)) or not 0 < a <= b:
-        raise InputError(f"{name} must satisfy 0 < min <= max, got {value!r}", field=name)
-    return a, b
-
-
 class DistilledDataset:
     """A distilled image set: images from a bundle, soft labels from its projector, on ``device``.
 
@@ -181,6 +174,8 @@ class DistilledDataset:
 
         if not _is_int(label_batch_size) or label_batch_size <= 0:
             raise InputError(f"label_batch_size must be a positive integer, got {label_batch_size!r}", field="label_batch_size")
+        if num_threads is not None and (not _is_int(num_threads) or num_threads < 1):
+            raise InputError(f"num_threads must be None or an integer >= 1, got {num_threads!r}", field="num_threads")
         self.device = _resolve_device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -192,8 +187,9 @@ class DistilledDataset:
                 fix='pass a directory ("path/to/bundle") or a Hub dataset id ("user/name")',
             )
         self.source = os.fspath(source)
-        path, pulled = self._resolve(self.source, revision, token)
-        # hub.pull has just checked every sha256; hashing the files a second time buys nothing.
+        path, pulled = self._resolve(self.source, revision, token, verify)
+        # With verify, hub.pull has just checked every sha256; hashing the files a second time buys
+        # nothing. Without it, neither hashes.
         self.bundle: Bundle = Bundle.open(path, verify=verify and not pulled)
         self.manifest = self.bundle.manifest
         self.path = Path(self.bundle.path)
@@ -237,7 +233,7 @@ class DistilledDataset:
 
     # ---- opening ---------------------------------------------------------------------------------
     @staticmethod
-    def _resolve(source: str, revision: str | None, token) -> tuple[Path, bool]:
+    def _resolve(source: str, revision: str | None, token, verify: bool = True) -> tuple[Path, bool]:
         if os.path.isdir(source):
             if revision is not None:
                 raise InputError(
@@ -251,7 +247,7 @@ class DistilledDataset:
         except ImportError:  # pragma: no cover - hub module missing from a partial install
             hub = None
         if hub is not None and hub.is_hub_id(source):
-            return Path(hub.pull(source, revision=revision, token=token)), True
+            return Path(hub.pull(source, revision=revision, token=token, verify=verify)), True
         raise BundleNotFoundError(
             "no bundle directory here, and not a Hub id (user/name)",
             file=source,
@@ -430,14 +426,14 @@ class DistilledLoader:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}", field="batch_size")
         if not _is_int(image_size) or not 1 <= image_size <= MAX_IMAGE_SIDE:
             raise InputError(f"image_size must be an integer in [1, {MAX_IMAGE_SIDE}], got {image_size!r}", field="image_size")
-        if not _is_int(seed):
-            raise InputError(f"seed must be an integer, got {seed!r}", field="seed")
+        if not _is_int(seed) or not 0 <= seed < _SEED_LIMIT:
+            raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}", field="seed")
         if not _is_int(epochs) or epochs < 1:
             raise InputError(f"epochs must be an integer >= 1, got {epochs!r}", field="epochs")
-        self.scale = _check_pair(recipe.scale if scale is None else scale, "scale")
-        if self.scale[1] > 1:
-            raise InputError(f"scale must be at most 1, got {scale!r}", field="scale")
-        self.ratio = _check_pair(recipe.ratio if ratio is None else ratio, "ratio")
+        from .augment import _check_range
+
+        self.scale = _check_range("scale", recipe.scale if scale is None else scale, 0.0, 1.0)
+        self.ratio = _check_range("ratio", recipe.ratio if ratio is None else ratio, 0.0, None)
         self.mix = recipe.mix if mix is None else mix
         if self.mix is False:
             self.mix = "none"
@@ -460,8 +456,8 @@ class DistilledLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration run epoch ``epoch`` (order and augmentation from ``seed + epoch``)."""
-        if not _is_int(epoch) or epoch < 0:
-            raise InputError(f"epoch must be an integer >= 0, got {epoch!r}", field="epoch")
+        if not _is_int(epoch) or not 0 <= epoch < _EPOCH_LIMIT:
+            raise InputError(f"epoch must be an integer in [0, 2**62), got {epoch!r}", field="epoch")
         self.epoch = epoch
 
     @property
@@ -543,11 +539,10 @@ class DistilledLoader:
             boxes = augment.sample_boxes(
                 n, scale=self.scale, ratio=self.ratio, generator=gen, device=self.device, aspect=w / h
             )
-            if self.flip:
-                flips = augment.sample_flips(n, generator=gen, device=self.device)
-            else:
-                flips = torch.zeros(n, dtype=torch.bool, device=self.device)
-            view = augment.crop_resize(src, boxes, flips, self.image_size, exact=_EXACT)
+            flips = augment.sample_flips(n, generator=gen, device=self.device) if self.flip else None
+            # One uint8 -> float conversion serves both the student's and the projector's views.
+            x = augment.to_float(src)
+            view = augment.crop_resize(x, boxes, flips, self.image_size, exact=_EXACT)
             label_view = view
             mode = self.mix
             if mode == "cutmix-mixup":  # one of the two per batch, as timm does
@@ -566,16 +561,15 @@ class DistilledLoader:
                     # Both mixes are redone on a view resampled from the source at the
                     # foundation's size (the same crop, flip, partner and cut), rather than
                     # resizing the student's view: a small student view would lose detail.
-                    f = augment.crop_resize(src, boxes, flips, self.foundation_size, exact=_EXACT)
+                    f = augment.crop_resize(x, boxes, flips, self.foundation_size, exact=_EXACT)
                     if mode == "cutmix":
                         label_view, _ = augment.paste(f, perm, cut)
                     else:
-                        lam4 = lam.to(f.dtype).view(-1, 1, 1, 1)
-                        label_view = (f * lam4 + f.index_select(0, perm) * (1 - lam4)).clamp_(0.0, 1.0)
+                        label_view = augment.blend(f, perm, lam)
             elif resample:
                 # Resample the projector's view from the same source boxes rather than resizing
                 # the student's view a second time.
-                label_view = augment.crop_resize(src, boxes, flips, self.foundation_size, exact=_EXACT)
+                label_view = augment.crop_resize(x, boxes, flips, self.foundation_size, exact=_EXACT)
             logits = ds_forward(self.dataset.projector, label_view)
             soft = torch.softmax(logits.float() / self.temperature, dim=1)
         return view, soft, hard

@@ -469,9 +469,7 @@ def _load_reference(ref: mf.Foundation, bundle_dir) -> LoadedFoundation:
                 field="foundation.weights_file",
                 fix="the bundle is incomplete: download it again" if ref.source == "embedded" else "put the weights file there",
             )
-        model, tokenizer = _build(
-            ref.architecture, config, preprocess, weights=weights, error=error, embedded=ref.source == "embedded"
-        )
+        model, tokenizer = _build(ref.architecture, config, preprocess, weights=weights, error=error)
         _load_weights(model, weights, error=error, embedded=ref.source == "embedded")
         loaded = _finish(model, tokenizer, ref.architecture, {}, config, None)
     else:
@@ -578,7 +576,6 @@ def _build(
     *,
     weights: Path | None = None,
     error: type = FoundationError,
-    embedded: bool = False,
 ) -> tuple[nn.Module, Callable]:
     import open_clip
 
@@ -588,7 +585,7 @@ def _build(
     # config is registered under a content-derived name.
     name = architecture if builtin is not None and builtin == config else _register_config(config)
     if weights is not None:
-        _check_size(name, weights, error=error, embedded=embedded)
+        _check_size(name, weights, error=error)
     try:
         with warnings.catch_warnings(), _quiet_random_init():
             warnings.filterwarnings("ignore", message=".*QuickGELU mismatch.*")
@@ -612,7 +609,7 @@ def _build(
     return model, tokenizer
 
 
-def _check_size(name: str, weights: Path, *, error: type, embedded: bool) -> None:
+def _check_size(name: str, weights: Path, *, error: type) -> None:
     """Refuse a config that describes far more weights than the file holds, before allocating it.
 
     The config may come from a bundle's manifest; built on the meta device first, a hostile one
@@ -620,7 +617,7 @@ def _check_size(name: str, weights: Path, *, error: type, embedded: bool) -> Non
     """
     import open_clip
 
-    in_file = sum(math.prod(shape) for shape in _header_shapes(weights, error=error, embedded=embedded).values())
+    in_file = sum(math.prod(shape) for shape in _header_shapes(weights, error=error).values())
     try:
         with torch.device("meta"), warnings.catch_warnings(), _quiet_random_init():
             warnings.simplefilter("ignore")
@@ -753,7 +750,7 @@ def _hub_file(repo: str, filename: str) -> Path:
         raise FoundationError(f"download failed: {e}", file=where, fix="check the network, or set HF_HUB_OFFLINE=1 to use the cache") from None
 
 
-def _header_shapes(path: Path, *, error: type, embedded: bool) -> dict[str, list[int]]:
+def _header_shapes(path: Path, *, error: type) -> dict[str, list[int]]:
     """Tensor shapes from a safetensors header, without reading the data."""
     from safetensors import safe_open
 

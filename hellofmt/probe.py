@@ -121,7 +121,11 @@ def probe_logits(
     """Float32 logits ``[V, C]`` of ``projector`` on the probe views, computed without autocast."""
     device = _projector_device(projector)
     with exact_float32(device), torch.no_grad():
-        x = probe_inputs(images.to(device), views, size)
+        # Only the probed rows go to the device: the image set may live in (pinned) host memory
+        # precisely because it does not fit there.
+        idx = torch.tensor([v[0] for v in views], dtype=torch.long, device=images.device)
+        picked = images.index_select(0, idx).to(device)
+        x = probe_inputs(picked, [(i, v[1], v[2]) for i, v in enumerate(views)], size)
         forward = getattr(projector, "forward_float32", None)
         out = forward(x) if callable(forward) else projector(x)
     return out.float()

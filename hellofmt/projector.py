@@ -330,8 +330,7 @@ class Projector(nn.Module):
             return {k: v.clone() for k, v in self._merged_tensors.items()}
         out = lowrank.delta_tensors(self._deltas, dtype=torch.float32)
         if self.head is not None:
-            out["head.lora_A"] = self.head.lora_A.detach().to("cpu", torch.float32).contiguous().clone()
-            out["head.lora_B"] = self.head.lora_B.detach().to("cpu", torch.float32).contiguous().clone()
+            out.update(lowrank.delta_tensors({"head": self.head}, dtype=torch.float32))
         return out
 
     def projector_info(self) -> ProjectorInfo:

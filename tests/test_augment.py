@@ -140,6 +140,31 @@ def test_sampling_bad_input(call):
         call()
 
 
+@pytest.mark.parametrize(
+    "call, field",
+    [
+        (lambda: A.sample_flips(3, p="x"), "p"),
+        (lambda: A.sample_flips(3, p=None), "p"),
+        (lambda: A.sample_flips(3, p=float("nan")), "p"),
+        (lambda: A.sample_boxes(3, aspect="x"), "aspect"),
+        (lambda: A.sample_boxes(3, aspect=None), "aspect"),
+        (lambda: A.sample_boxes(3, aspect=float("inf")), "aspect"),
+        (lambda: A.sample_boxes(3, scale=(0.5, 10**400)), "scale"),
+        (lambda: A.sample_boxes(3, scale=(0.5, None)), "scale"),
+        (lambda: A.sample_boxes(3, ratio=(1.0, float("nan"))), "ratio"),
+        (lambda: A.sample_boxes(3, ratio=(1.0, 2.0, 3.0)), "ratio"),
+        (lambda: A.cutmix(torch.rand(2, 3, 4, 4), alpha="x"), "alpha"),
+        (lambda: A.mixup(torch.rand(2, 3, 4, 4), alpha=None), "alpha"),
+        (lambda: A.cutmix_boxes(2, alpha=10**400), "alpha"),
+    ],
+)
+def test_sampling_non_numbers_are_input_errors(call, field):
+    # float() of these raised a bare TypeError/ValueError/OverflowError before.
+    with pytest.raises(InputError) as e:
+        call()
+    assert e.value.field == field
+
+
 # ------------------------------------------------------------------------------------------------
 # crop + flip + resize
 # ------------------------------------------------------------------------------------------------
@@ -335,6 +360,16 @@ def test_mixup_is_the_convex_combination():
     assert bool((lam > 0).all() and (lam < 1).all())
     assert mixed.min() >= 0 and mixed.max() <= 1
     assert len(set(lam.tolist())) == 6  # one lambda per sample
+
+
+def test_blend_is_mixup_at_any_resolution():
+    x = _float(5, 8, 8)
+    mixed, perm, lam = A.mixup(x, generator=gen(4))
+    torch.testing.assert_close(A.blend(x, perm, lam), mixed, rtol=0, atol=0)
+    u = _uint8(5, 6, 6)
+    l4 = lam.view(-1, 1, 1, 1)
+    f = u.float() / 255
+    torch.testing.assert_close(A.blend(u, perm, lam), (l4 * f + (1 - l4) * f[perm]).clamp(0, 1))
 
 
 @pytest.mark.parametrize("fn", [A.cutmix, A.mixup])

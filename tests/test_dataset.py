@@ -229,6 +229,17 @@ def test_outputs_train_a_student(ds):
         ({"scale": (0.5, 1.5)}, "scale"),
         ({"ratio": (0, 1)}, "ratio"),
         ({"epochs": 0}, "epochs"),
+        ({"scale": "x"}, "scale"),
+        ({"scale": (0.0, 1.0)}, "scale"),
+        ({"scale": (0.5, float("nan"))}, "scale"),
+        ({"scale": (0.5, 10**400)}, "scale"),
+        ({"ratio": (2.0, 1.0)}, "ratio"),
+        ({"ratio": (1.0, float("inf"))}, "ratio"),
+        ({"ratio": (1.0,)}, "ratio"),
+        ({"seed": 2**70}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_loader_bad_input(ds, kwargs, field):
@@ -296,6 +307,54 @@ def test_hub_id_goes_through_pull(tiny_bundle, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # so "user/name" is not a local directory
     ds = DistilledDataset("user/name", device="cpu", revision="v1")
     assert calls == [("user/name", "v1", None)] and len(ds) == 6
+
+
+def test_hub_pull_honours_verify(tiny_bundle, monkeypatch, tmp_path):
+    from hellofmt import hub
+
+    seen = []
+
+    def fake_pull(repo_id, local_dir=None, *, revision=None, token=None, verify=True, **kw):
+        seen.append(verify)
+        return tiny_bundle
+
+    monkeypatch.setattr(hub, "pull", fake_pull)
+    monkeypatch.chdir(tmp_path)
+    DistilledDataset("user/name", device="cpu", verify=False)
+    DistilledDataset("user/name", device="cpu")
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("bad", ["x", 0, -2, 1.5, True])
+def test_num_threads_is_checked_up_front(tiny_bundle, monkeypatch, bad):
+    from hellofmt import bundle
+
+    def no_open(*a, **k):  # the check must come before any file is opened or hashed
+        raise AssertionError("Bundle.open reached")
+
+    monkeypatch.setattr(bundle.Bundle, "open", staticmethod(no_open))
+    with pytest.raises(InputError) as e:
+        DistilledDataset(tiny_bundle, device="cpu", num_threads=bad)
+    assert e.value.field == "num_threads"
+
+
+def test_num_threads_accepts_a_count(tiny_bundle):
+    assert len(DistilledDataset(tiny_bundle, device="cpu", num_threads=1, verify=False)) == 6
+
+
+@pytest.mark.parametrize("epoch", [2**62, 2**64, -1, 1.0])
+def test_set_epoch_rejects_out_of_range(ds, epoch):
+    loader = ds.loader(batch_size=4, image_size=16, mix="none")
+    with pytest.raises(InputError) as e:
+        loader.set_epoch(epoch)
+    assert e.value.field == "epoch"
+
+
+def test_largest_seed_and_epoch_run(ds):
+    loader = ds.loader(batch_size=6, image_size=16, mix="none", seed=2**63 - 1)
+    loader.set_epoch(2**62 - 1)
+    images, _, _ = next(iter(loader))
+    assert images.shape == (6, 3, 16, 16)
 
 
 def test_lazy_export():

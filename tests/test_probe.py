@@ -100,6 +100,32 @@ def test_probe_logits_are_float32_and_match_forward(loaded):
     assert torch.allclose(logits, direct.float(), atol=1e-5)
 
 
+def test_probe_logits_moves_only_the_probed_images(loaded, monkeypatch):
+    # A set kept in host memory because it does not fit on the device must not be copied there
+    # whole to read a few views: only the probed rows reach probe_inputs (and the device).
+    from hellofmt import probe as probe_mod
+
+    _, projector, images = loaded
+    many = torch.cat([images] * 4)  # more images than views
+    views = [(len(many) - 1, [0, 0, 1, 1], True), (2, [0.2, 0.2, 0.8, 0.8], False), (2, [0, 0, 1, 1], False)]
+    size = projector.foundation.image_size
+    want = probe_logits(projector, many, views, size)
+    seen = []
+    real = probe_mod.probe_inputs
+
+    def spy(imgs, vs, sz):
+        seen.append(imgs.shape[0])
+        return real(imgs, vs, sz)
+
+    monkeypatch.setattr(probe_mod, "probe_inputs", spy)
+    got = probe_logits(projector, many, views, size)
+    assert seen == [len(views)]
+    assert torch.equal(got, want)
+    with torch.no_grad():
+        direct = projector(real(many, views, size))
+    assert torch.allclose(got, direct.float(), atol=1e-5)
+
+
 def _shifted(probe, view: int, rank: int, delta: float):
     p = copy.deepcopy(probe)
     p.views[view].topk_logits[rank] += delta

@@ -264,6 +264,16 @@ def test_delta_tensors_and_projector_info():
     assert set(after) == set(tensors) and all(torch.equal(after[k], tensors[k]) for k in tensors)
 
 
+def test_head_delta_tensors_are_detached_copies_of_the_head():
+    proj = trained_projector(rank=2, head_rank=3)
+    tensors = proj.delta_tensors()
+    for key in ("lora_A", "lora_B"):
+        p = getattr(proj.head, key)
+        t = tensors[f"head.{key}"]
+        assert torch.equal(t, p.detach().float().cpu()) and not t.requires_grad
+        assert t.data_ptr() != p.data_ptr()
+
+
 def test_attach_or_merge_twice_is_refused():
     proj = trained_projector()
     with pytest.raises(ProjectorError):
