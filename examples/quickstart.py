@@ -5,7 +5,7 @@ Runs on a CPU in a few minutes, offline, with nothing downloaded:
 1. makes a small procedural image-folder dataset (8 classes: 4 shapes x 2 stripe directions, random
    colours, sizes, positions and noise, 32 px) in a temporary folder;
 2. trains a small CNN teacher on it;
-3. builds a bundle with ``hellofmt.build``: a tiny open_clip ViT (random weights; the low-rank deltas
+3. builds a bundle with ``hellofmt.build_bundle``: a tiny open_clip ViT (random weights; the low-rank deltas
    and the head delta must do all the imitating), RDED-style image selection, refinement;
 4. trains the same student three ways on the same distilled images, views and steps: labels from the
    bundle's projector (``DistilledDataset.loader``), the teacher labelling online (the upper bound),
@@ -206,7 +206,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-    from hellofmt.build import build
+    from hellofmt import build_bundle
     from hellofmt.bundle import Bundle, summarize
     from hellofmt.dataset import DistilledDataset
 
@@ -238,7 +238,7 @@ def main() -> None:
     print(f"teacher: {accuracy(teacher, test_x, test_y):.1%} held-out accuracy")
 
     t = time.perf_counter()
-    res = build(
+    res = build_bundle(
         str(train_dir), teacher, TINY_FOUNDATION, work / "bundle",
         ipc=args.ipc, factor=1, rank=args.rank, head_rank=8, targets=TARGETS,
         epochs=args.distill_epochs, batch_size=64, lr=args.lr, loss=args.loss, ce_weight=0.1, distill_mix="none",

@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from .errors import HellofmtError  # noqa: E402
 
-__all__ = ["__version__", "HellofmtError", "DistilledDataset", "build"]
+__all__ = ["__version__", "HellofmtError", "DistilledDataset", "build_bundle"]
 
 
 def __getattr__(name: str):
@@ -16,14 +16,14 @@ def __getattr__(name: str):
         from .dataset import DistilledDataset
 
         return DistilledDataset
-    if name == "build":
-        # The build sub-package is callable (``hellofmt.build(...)`` mirrors ``hellofmt build``);
-        # it is imported only when asked for, so the runtime never loads the training code.
-        import importlib
+    if name == "build_bundle":
+        # The builder (training code, teachers) is imported only when asked for, so the runtime
+        # never loads it.
+        from .builder import build_bundle
 
-        return importlib.import_module(".build", __name__)
+        return build_bundle
     raise AttributeError(f"module 'hellofmt' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "DistilledDataset", "build"])
+    return sorted([*globals(), "DistilledDataset", "build_bundle"])

@@ -123,7 +123,7 @@ def verify(bundle: str) -> None:
 @_friendly_errors
 def build(**opts) -> None:
     """Build a bundle from original data and teacher(s): distil the projector, make the images."""
-    from .build import build as run_build
+    from .builder import build_bundle as run_build
 
     quiet = opts.pop("quiet")
     opts["teacher"] = list(opts.pop("teachers"))

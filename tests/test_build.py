@@ -98,11 +98,11 @@ def _small(**kw):
 
 
 def _build(env, out_name="bundle", **kw):
-    import hellofmt.build
+    import hellofmt
 
     teacher = kw.pop("teacher_override", env["teacher"])
-    # the sub-package is callable: hellofmt.build(...) mirrors `hellofmt build`
-    return hellofmt.build(str(env["data"]), teacher, TINY_CONFIG, env["tmp"] / out_name, **_small(**kw))
+    # hellofmt.build_bundle(...) mirrors `hellofmt build`
+    return hellofmt.build_bundle(str(env["data"]), teacher, TINY_CONFIG, env["tmp"] / out_name, **_small(**kw))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_images_from_folder(env):
 # resume
 # --------------------------------------------------------------------------------------------------
 def test_interrupted_build_resumes_from_checkpoint(env, monkeypatch):
-    from hellofmt.build.checkpoint import CheckpointStore
+    from hellofmt.builder.checkpoint import CheckpointStore
     from hellofmt.bundle import Bundle
 
     # probe check: 1 call; then one teacher call per distillation step; fail during step 6
@@ -195,7 +195,7 @@ def test_resume_with_other_options_refused(env, monkeypatch):
 
 
 def test_checkpoint_optimizer_round_trip(tmp_path):
-    from hellofmt.build.checkpoint import CheckpointStore
+    from hellofmt.builder.checkpoint import CheckpointStore
 
     p = torch.nn.Parameter(torch.randn(4, 3))
     opt = torch.optim.AdamW([p], lr=0.1)
@@ -246,7 +246,7 @@ def test_torchrun_two_processes_cpu(env):
 # --------------------------------------------------------------------------------------------------
 def test_missing_train_folder(env):
     with pytest.raises(BuildInputError, match="folder not found") as e:
-        from hellofmt.build import build
+        from hellofmt import build_bundle as build
 
         build(str(env["tmp"] / "nope"), env["teacher"], TINY_CONFIG, env["tmp"] / "b", **_small())
     assert e.value.field == "--train-data" and "nope" in str(e.value)
@@ -269,7 +269,7 @@ def test_unreadable_images_listed_with_paths(env):
 
 
 def test_class_map_tsv_and_json(env):
-    from hellofmt.build.inputs import load_class_map, scan_image_folder
+    from hellofmt.builder.inputs import load_class_map, scan_image_folder
 
     tsv = env["tmp"] / "classes.tsv"
     tsv.write_text("red\tred square\ngreen\tgreen square\nblue\tblue square\n")
@@ -297,7 +297,7 @@ def test_teacher_returning_nan(env):
 
 
 def test_bad_teacher_specs(env):
-    from hellofmt.build.teachers import load_teachers
+    from hellofmt.builder.teachers import load_teachers
 
     with pytest.raises(TeacherError, match="not a torch.nn.Module"):
         load_teachers(f"{env['tfile']}:not_a_module", num_classes=3)
@@ -334,7 +334,7 @@ def test_timm_teacher_from_safetensors(env):
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
 
-    from hellofmt.build.teachers import load_teachers
+    from hellofmt.builder.teachers import load_teachers
 
     m = timm.create_model("test_resnet.r160_in1k", pretrained=False, num_classes=3)
     w = env["tmp"] / "t.safetensors"
@@ -378,8 +378,8 @@ def test_cli_reports_bad_input_in_one_line(env):
 # Python API: modules and in-memory data directly; several teachers averaged
 # --------------------------------------------------------------------------------------------------
 def test_build_from_tensors_and_module(env):
-    from hellofmt.build import build
-    from hellofmt.build.teachers import load_teacher
+    from hellofmt import build_bundle as build
+    from hellofmt.builder.teachers import load_teacher
     from hellofmt.bundle import Bundle
 
     teacher, _ = load_teacher(env["teacher"], num_classes=3)
@@ -398,7 +398,7 @@ def test_build_from_tensors_and_module(env):
 
 
 def test_several_teachers_are_averaged(env):
-    from hellofmt.build.teachers import load_teachers
+    from hellofmt.builder.teachers import load_teachers
 
     a = torch.nn.Linear(3, 3)
     b = torch.nn.Linear(3, 3)
@@ -415,8 +415,8 @@ def test_several_teachers_are_averaged(env):
 # review fixes
 # --------------------------------------------------------------------------------------------------
 def test_refine_resume_after_completion_returns_stored_images(tmp_path):
-    from hellofmt.build.checkpoint import CheckpointStore
-    from hellofmt.build.refine import refine_images
+    from hellofmt.builder.checkpoint import CheckpointStore
+    from hellofmt.builder.refine import refine_images
 
     torch.manual_seed(0)
     wrap = lambda: torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),  # noqa: E731
@@ -465,7 +465,7 @@ def test_bad_options_refused_up_front(env, monkeypatch, kw, field):
 
 
 def test_init_world_bad_device_is_an_input_error():
-    from hellofmt.build.dist import init_world
+    from hellofmt.builder.dist import init_world
 
     with pytest.raises(BuildInputError) as e:
         init_world("foo")
@@ -496,7 +496,7 @@ def test_corrupt_build_json_on_resume_is_a_build_error(env, monkeypatch):
     (lambda m: m.update(tensors="../../etc/passwd"), "tensors"),
 ])
 def test_malformed_stage_json_is_a_build_error(tmp_path, edit, field):
-    from hellofmt.build.checkpoint import CheckpointStore
+    from hellofmt.builder.checkpoint import CheckpointStore
 
     store = CheckpointStore(tmp_path / "ck")
     store.save("s", 2, params={"p": torch.ones(3)})
@@ -513,7 +513,7 @@ def test_malformed_stage_json_is_a_build_error(tmp_path, edit, field):
 
 
 def test_truncated_checkpoint_tensors_are_a_build_error(tmp_path):
-    from hellofmt.build.checkpoint import CheckpointStore
+    from hellofmt.builder.checkpoint import CheckpointStore
 
     store = CheckpointStore(tmp_path / "ck")
     store.save("s", 2, params={"p": torch.ones(300)})
@@ -534,7 +534,7 @@ def test_truncated_image_is_listed_up_front(env):
 
 
 def test_step_generator_is_on_the_cpu():
-    from hellofmt.build.distill import step_generator
+    from hellofmt.builder.distill import step_generator
 
     g = step_generator(3, 1, 7, torch.device("cpu"))
     assert g.device.type == "cpu"

@@ -22,7 +22,7 @@ def _loaded_after(code: str) -> set[str]:
 @pytest.mark.parametrize("module", _RUNTIME)
 def test_runtime_module_does_not_import_the_build_pipeline(module):
     loaded = _loaded_after(f"import {module}")
-    assert not {m for m in loaded if m.startswith("hellofmt.build")}, f"{module} imports hellofmt.build"
+    assert not {m for m in loaded if m.startswith("hellofmt.builder")}, f"{module} imports hellofmt.builder"
 
 
 def test_import_hellofmt_is_light():
@@ -30,6 +30,6 @@ def test_import_hellofmt_is_light():
     assert "torch" not in loaded and "open_clip" not in loaded
 
 
-def test_build_is_callable_from_the_top_level_package():
-    loaded = _loaded_after("import hellofmt\nassert callable(hellofmt.build)\nassert hellofmt.build.build is not None")
-    assert "hellofmt.build.pipeline" in loaded
+def test_build_bundle_is_reachable_from_the_top_level_package():
+    loaded = _loaded_after("import hellofmt\nassert callable(hellofmt.build_bundle)")
+    assert "hellofmt.builder.pipeline" in loaded

@@ -1,6 +1,6 @@
 """The whole build: inputs -> projector distillation -> images -> refinement -> fidelity -> bundle.
 
-:func:`build` is what ``hellofmt build`` calls; from Python it also accepts modules (teachers) and
+:func:`build_bundle` is what ``hellofmt build`` calls; from Python it also accepts modules (teachers) and
 in-memory data (``(images, labels)`` tensors) directly. Each stage records its wall time; the long
 ones checkpoint into ``checkpoint_dir`` (default ``OUT.ckpt``) so ``resume=True`` continues where an
 interrupted run stopped. Under ``torchrun`` the distillation runs on every process (DDP); the later
@@ -38,12 +38,12 @@ from .inputs import (
 )
 from .teachers import check_teacher_specs, load_teachers
 
-__all__ = ["build", "BuildResult"]
+__all__ = ["build_bundle", "BuildResult"]
 
 
 
 class BuildResult(dict):
-    """What :func:`build` returns: ``path`` (the bundle, or None on ranks other than 0), ``metrics``,
+    """What :func:`build_bundle` returns: ``path`` (the bundle, or None on ranks other than 0), ``metrics``,
     ``timings`` (seconds per stage) and ``summary`` (the ``hellofmt info`` text)."""
 
     @property
@@ -195,7 +195,7 @@ _RESUME_KEYS = ("foundation", "rank", "head_rank", "alpha", "head_alpha", "targe
                 "loss", "ipc", "factor", "image_size", "refine_steps")
 
 
-def build(
+def build_bundle(
     train_data: str | os.PathLike[str] | tuple[torch.Tensor, torch.Tensor] | torch.utils.data.Dataset,
     teacher: str | nn.Module | Sequence[str | nn.Module],
     foundation: str,

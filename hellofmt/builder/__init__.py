@@ -5,23 +5,11 @@ One stage per module: :mod:`.inputs` (image-folder tree, class map), :mod:`.teac
 given images), :mod:`.refine`, :mod:`.fidelity`, :mod:`.checkpoint`, and :mod:`.pipeline`, which
 chains them. The runtime (bundle, projector, dataset) never imports this package.
 
-``hellofmt.build`` is itself callable, so ``import hellofmt.build; hellofmt.build(...)`` reads like
-the command line it mirrors; ``from hellofmt.build import build`` is the same function.
+:func:`build_bundle` (also ``hellofmt.build_bundle``) is the Python form of ``hellofmt build``.
 """
 
 from __future__ import annotations
 
-import sys
-import types
+from .pipeline import BuildResult, build_bundle
 
-from .pipeline import BuildResult, build
-
-__all__ = ["build", "BuildResult"]
-
-
-class _CallableModule(types.ModuleType):
-    def __call__(self, *args, **kwargs) -> BuildResult:
-        return build(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
+__all__ = ["build_bundle", "BuildResult"]
