@@ -104,7 +104,7 @@ def _number(name: str, x) -> float:
     return v
 
 
-def _check_range(name: str, pair, lo_exclusive: float, hi: float | None) -> tuple[float, float]:
+def check_range(name: str, pair, lo_exclusive: float, hi: float | None) -> tuple[float, float]:
     try:
         a, b = pair
     except (TypeError, ValueError):
@@ -139,8 +139,8 @@ def sample_boxes(
     rounded to whole pixels (the resampler handles sub-pixel boxes), so boxes are image-size free.
     """
     n = _check_n(n)
-    smin, smax = _check_range("scale", scale, 0.0, 1.0)
-    rmin, rmax = _check_range("ratio", ratio, 0.0, None)
+    smin, smax = check_range("scale", scale, 0.0, 1.0)
+    rmin, rmax = check_range("ratio", ratio, 0.0, None)
     aspect = _number("aspect", aspect)
     if not aspect > 0:
         raise InputError(f"expected aspect (width / height) > 0, got {aspect}", field="aspect")

@@ -34,7 +34,7 @@ from .errors import (
     MissingFileError,
     UnsafePathError,
 )
-from .imagestore import _check_codec, encode_shards, load_safetensors, read_shard
+from .imagestore import check_codec, encode_shards, load_safetensors, read_shard
 from .manifest import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
@@ -467,7 +467,7 @@ class BundleWriter:
         ):
             self.write_bytes(name, payload)
             shards.append(Shard(file=name, count=count))
-        q = _check_codec(codec, quality)
+        q = check_codec(codec, quality)
         per_class = torch.bincount(labels.detach().cpu().to(torch.int64), minlength=num_classes).tolist()
         return ImagesInfo(
             count=int(images.shape[0]), codec=codec, quality=q, height=int(images.shape[2]),

@@ -430,10 +430,10 @@ class DistilledLoader:
             raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}", field="seed")
         if not _is_int(epochs) or epochs < 1:
             raise InputError(f"epochs must be an integer >= 1, got {epochs!r}", field="epochs")
-        from .augment import _check_range
+        from .augment import check_range
 
-        self.scale = _check_range("scale", recipe.scale if scale is None else scale, 0.0, 1.0)
-        self.ratio = _check_range("ratio", recipe.ratio if ratio is None else ratio, 0.0, None)
+        self.scale = check_range("scale", recipe.scale if scale is None else scale, 0.0, 1.0)
+        self.ratio = check_range("ratio", recipe.ratio if ratio is None else ratio, 0.0, None)
         self.mix = recipe.mix if mix is None else mix
         if self.mix is False:
             self.mix = "none"

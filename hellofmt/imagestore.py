@@ -63,7 +63,7 @@ def _threads(num_threads: int | None) -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _check_codec(codec: str, quality: int | None) -> int | None:
+def check_codec(codec: str, quality: int | None) -> int | None:
     if codec not in CODECS:
         raise InputError(f"unknown codec {codec!r}", field="codec", fix=f"use one of {', '.join(CODECS)}")
     if codec in ("jpeg", "webp"):
@@ -86,7 +86,7 @@ def encode_image(img: torch.Tensor, codec: str = "png", quality: int | None = No
     lossless and take none. raw is the CHW bytes as they are in memory. Raises InputError for a
     tensor that is not uint8 [3, H, W] or an unknown codec.
     """
-    q = _check_codec(codec, quality)
+    q = check_codec(codec, quality)
     if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.ndim != 3 or img.shape[0] != 3:
         got = f"{img.dtype} {list(img.shape)}" if isinstance(img, torch.Tensor) else type(img).__name__
         raise InputError(f"expected a uint8 tensor [3, H, W], got {got}", field="images")
@@ -144,7 +144,7 @@ def decode_image(
     The image must be of exactly that size and RGB; anything else (bad bytes, another format than
     ``codec``, another size) raises ImageDecodeError naming ``file`` and image ``index``.
     """
-    _check_codec(codec, None if codec in ("png", "raw") else DEFAULT_QUALITY)
+    check_codec(codec, None if codec in ("png", "raw") else DEFAULT_QUALITY)
     out = np.empty((3, height, width), dtype=np.uint8)
     _decode_to(out, buf, codec, height, width, file, index)
     return torch.from_numpy(out)
@@ -296,7 +296,7 @@ def encode_shards(
     """
     from safetensors.torch import save
 
-    q = _check_codec(codec, quality)
+    q = check_codec(codec, quality)
     _check_images(images, labels)
     limit = DEFAULT_SHARD_BYTES if max_shard_bytes is None else int(max_shard_bytes)
     if not 1 <= limit <= MAX_SHARD_BYTES:

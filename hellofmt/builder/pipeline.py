@@ -96,10 +96,10 @@ def _check_options(**o: Any) -> None:
         bad("--fidelity-views", f"expected an integer >= 1, got {o['fidelity_views']}")
     if o["candidates"] < 1:
         bad("--candidates", f"expected an integer >= 1, got {o['candidates']}")
-    from ..imagestore import _check_codec
+    from ..imagestore import check_codec
 
     try:
-        _check_codec(o["codec"], o["quality"])
+        check_codec(o["codec"], o["quality"])
     except HellofmtError as e:
         name = "--quality" if e.field == "quality" or "quality" in e.message else "--codec"
         if e.field in ("--quality", "--codec"):
