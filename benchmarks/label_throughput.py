@@ -5,7 +5,7 @@ Measures images/s of
   (b) merged   the merged projector (deltas folded into the weights: resize/normalise, encode, head),
   (c) unmerged the training-form projector (deltas applied through parametrizations every forward),
   (d) loader   DistilledDataset.loader: index, crop+flip, mix, label, softmax (the whole batch path),
-  (e) single   DistilledDataset.label one image at a time,
+  (e) single   DistilledDataset.logits one image at a time,
 on random-weight foundations (the shapes are what matter), with a bundle built by
 ``tests/bundles.py``. Each case is warmed up, then the cases are interleaved for ``--reps``
 repetitions and the median is reported. The last line is machine-readable:
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def single():
         for i in range(single_x.shape[0]):
-            ds.label(single_x[i : i + 1])
+            ds.logits(single_x[i : i + 1])
         return single_x.shape[0]
 
     cases = {"bare": bare, "merged": run_merged, "unmerged": run_unmerged, "loader": loader, "single": single}

@@ -207,7 +207,8 @@ def main() -> None:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
     from hellofmt import build_bundle
-    from hellofmt.bundle import Bundle, summarize
+    from hellofmt.bundle import Bundle
+    from hellofmt.summary import summarize
     from hellofmt.dataset import DistilledDataset
 
     times: dict[str, float] = {}

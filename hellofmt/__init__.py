@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 from .errors import HellofmtError  # noqa: E402
 
-__all__ = ["__version__", "HellofmtError", "DistilledDataset", "build_bundle"]
+__all__ = ["BuildConfig", "DistilledDataset", "HellofmtError", "__version__", "build_bundle", "evaluate"]
 
 
 def __getattr__(name: str):
@@ -22,8 +22,18 @@ def __getattr__(name: str):
         from .builder import build_bundle
 
         return build_bundle
+    if name == "BuildConfig":
+        # The build options (no torch), from the builder package, imported on demand for the same reason.
+        from .builder.config import BuildConfig
+
+        return BuildConfig
+    if name == "evaluate":
+        # Student training (torch, the builder's teacher loaders) only when asked for.
+        from .evaluation import evaluate
+
+        return evaluate
     raise AttributeError(f"module 'hellofmt' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), "DistilledDataset", "build_bundle"])
+    return sorted([*globals(), "DistilledDataset", "build_bundle", "BuildConfig", "evaluate"])

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import save
 
 from .errors import (
     BundleError,
@@ -34,8 +35,10 @@ from .errors import (
     MissingFileError,
     UnsafePathError,
 )
-from .imagestore import check_codec, encode_shards, load_safetensors, read_shard
+from .fingerprint import fingerprint
+from .imagestore import check_codec, encode_shards, read_shard
 from .manifest import (
+    CARD_NAME,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     FileEntry,
@@ -44,21 +47,15 @@ from .manifest import (
     Shard,
     check_file_name,
 )
+from .tensorfile import PROJECTOR_DTYPES, load_safetensors
 
 __all__ = [
-    "README_NAME",
-    "STORED_LABEL_EPOCHS",
     "UnlistedFileWarning",
     "Bundle",
     "BundleWriter",
-    "summarize",
-    "format_summary",
-    "verify_bundle",
     "sha256_file",
 ]
 
-README_NAME = "README.md"  # dataset card: written by push, neither listed nor hashed
-STORED_LABEL_EPOCHS = 300  # SRe2L-style stored soft labels: one float16 vector per image per epoch
 _CHUNK = 1024 * 1024
 
 
@@ -105,7 +102,7 @@ class Bundle:
         files other than ``README.md`` give an :class:`UnlistedFileWarning`. With ``verify=True``
         the sha256 of every file is checked too (IntegrityError naming the first bad file).
         """
-        bundle = cls._load(path)
+        bundle = cls.open_unchecked(path)
         for name, entry in bundle.manifest.files.items():
             bundle._check_size(name, entry)
         bundle._warn_unlisted()
@@ -115,8 +112,12 @@ class Bundle:
         return bundle
 
     @classmethod
-    def _load(cls, path: str | os.PathLike[str]) -> "Bundle":
-        """Read and validate the manifest only (no file checks): what ``verify`` starts from."""
+    def open_unchecked(cls, path: str | os.PathLike[str]) -> "Bundle":
+        """Read and validate the manifest only, checking no other file: what :meth:`verify` and
+        ``hellofmt verify`` start from, so that every file problem becomes a report line.
+
+        Raises BundleNotFoundError (no directory or no manifest), UnsafePathError or ManifestError.
+        """
         root = Path(path)
         if not root.is_dir():
             raise BundleNotFoundError("no such bundle directory", file=root,
@@ -161,7 +162,7 @@ class Bundle:
 
     def _unlisted(self) -> list[str]:
         # ".cache" holds huggingface_hub's metadata after a download into a directory (pull DIR).
-        known = set(self.manifest.files) | {MANIFEST_NAME, README_NAME, ".cache"}
+        known = set(self.manifest.files) | {MANIFEST_NAME, CARD_NAME, ".cache"}
         return sorted(e.name for e in os.scandir(self.path) if e.name not in known)
 
     def _warn_unlisted(self) -> None:
@@ -193,7 +194,8 @@ class Bundle:
         Covers: each listed file present, safe, of the listed size and sha256; unlisted files;
         every image of every shard decoding to the manifest's size, with valid offsets and labels
         and the manifest's counts; the projector tensors against the manifest's targets, ranks and
-        dtype; the embedded foundation's fingerprint against ``foundation.weights_sha256``. The probe is checked by :func:`verify_bundle`.
+        dtype; the embedded foundation's fingerprint against ``foundation.weights_sha256``. The
+        probe needs the model: :func:`hellofmt.verify.verify_bundle` checks it after these.
         """
         problems: list[str] = []
 
@@ -227,8 +229,6 @@ class Bundle:
 
     def _check_embedded_foundation(self) -> None:
         """The embedded weights must have the fingerprint the manifest pins (spec 6.1)."""
-        from .foundation import fingerprint
-
         f = self.manifest.foundation
         path = self.file(f.weights_file)
         tensors, _ = load_safetensors(path)
@@ -245,30 +245,24 @@ class Bundle:
         m = self.manifest
         path = self.file(m.projector.file)
         try:
-            tensors, meta = load_safetensors(path)
+            tensors, meta = load_safetensors(path, dtypes=PROJECTOR_DTYPES)
         except HellofmtError as e:
             return [str(e)]
         out = []
-        want: dict[str, tuple[int, ...] | None] = {}
-        for t in m.projector.targets:
-            rows, cols = _matrix_shape(t.shape)
-            want[f"{t.name}.lora_A"] = (t.rank, cols)
-            want[f"{t.name}.lora_B"] = (rows, t.rank)
-        if m.projector.head is not None:
-            want["head.lora_A"] = None  # [r, D]: D is the foundation's embedding width, checked below
-            want["head.lora_B"] = (m.num_classes, m.projector.head.rank)
-        for name, shape in want.items():
+        # Names, shapes and dtypes (scales too, for a quantised encoding) from the manifest's projector
+        # section; None in a shape is the head's embedding width D, which the manifest does not record.
+        want = m.projector.tensor_layout(m.num_classes)
+        for name, (shape, dtype) in want.items():
             if name not in tensors:
                 out.append(f"{path}: {name}: tensor listed by the manifest's projector is missing")
                 continue
-            got = tuple(tensors[name].shape)
-            if name == "head.lora_A":
-                if len(got) != 2 or got[0] != m.projector.head.rank:
-                    out.append(f"{path}: {name}: shape {list(got)}, expected [{m.projector.head.rank}, D]")
-            elif got != shape:
-                out.append(f"{path}: {name}: shape {list(got)}, expected {list(shape)}")
-            if str(tensors[name].dtype).removeprefix("torch.") != m.projector.dtype:
-                out.append(f"{path}: {name}: dtype {tensors[name].dtype}, the manifest says {m.projector.dtype}")
+            got = list(tensors[name].shape)
+            if len(got) != len(shape) or any(w is not None and g != w for g, w in zip(got, shape)):
+                expected = ", ".join("D" if w is None else str(w) for w in shape)
+                out.append(f"{path}: {name}: shape {got}, expected [{expected}]")
+            if str(tensors[name].dtype).removeprefix("torch.") != dtype:
+                out.append(f"{path}: {name}: dtype {tensors[name].dtype}, the manifest's projector.dtype "
+                           f"{m.projector.dtype} needs {dtype}")
         for name in sorted(set(tensors) - set(want)):
             out.append(f"{path}: {name}: tensor not described by the manifest's projector")
         if meta.get("format", "hellofmt-projector") != "hellofmt-projector":
@@ -320,7 +314,7 @@ class Bundle:
 
         Raises TensorFileError for a truncated or hostile file.
         """
-        tensors, _ = load_safetensors(self.file(self.manifest.projector.file), device=device)
+        tensors, _ = load_safetensors(self.file(self.manifest.projector.file), device=device, dtypes=PROJECTOR_DTYPES)
         return tensors
 
     def foundation_path(self) -> Path | None:
@@ -330,28 +324,6 @@ class Bundle:
         if f.source != "embedded":
             return None
         return self.file(f.weights_file)
-
-
-def verify_bundle(path: str | os.PathLike[str], *, probe: bool = True) -> list[str]:
-    """Run every check on the bundle at ``path``; return one line per problem (``[]``: all good).
-
-    Raises a HellofmtError only when there is nothing to check against (no bundle, unreadable
-    manifest). Everything else, including missing or unsafe files, becomes a problem line. When
-    the files are sound and the manifest has a probe, ``hellofmt.probe.check_bundle_probe(bundle)``
-    re-computes the probe; a HellofmtError it raises, or the lines it returns, are reported as
-    problems.
-    """
-    bundle = Bundle._load(path)
-    problems = bundle.verify()
-    if probe and not problems and bundle.manifest.probe is not None:
-        from .probe import check_bundle_probe
-
-        try:
-            extra = check_bundle_probe(bundle)
-        except HellofmtError as e:
-            extra = [str(e)]
-        problems.extend(extra or [])
-    return problems
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,7 +395,7 @@ class BundleWriter:
         """Write one file of the bundle from memory, hashing it as it is written, then fsync."""
         self._check_open()
         check_file_name(name, None, "name")
-        if name in (MANIFEST_NAME, README_NAME) or name in self._files:
+        if name in (MANIFEST_NAME, CARD_NAME) or name in self._files:
             raise InputError(f"{name!r} is reserved or already written", field="name")
         h = hashlib.sha256()
         view = memoryview(data).cast("B")
@@ -476,8 +448,6 @@ class BundleWriter:
 
     def write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> FileEntry:
         """Write ``tensors`` as the safetensors file ``name`` with ``metadata`` as its ``__metadata__``."""
-        from safetensors.torch import save
-
         self._check_open()
         try:
             payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
@@ -518,127 +488,3 @@ class BundleWriter:
         if aside is not None:
             _remove(aside)
         return self.out
-
-
-# --------------------------------------------------------------------------------------------------
-# Summary (``hellofmt info``)
-# --------------------------------------------------------------------------------------------------
-def _foundation_ref(f) -> str:
-    if f.source == "pretrained":
-        return f"{f.architecture}:{f.pretrained}"
-    if f.source == "hf-hub":
-        return f"hf-hub:{f.hf_hub_id}"
-    if f.source == "embedded":
-        return f"{f.architecture} (embedded: {f.weights_file})"
-    return f"{f.architecture} (file: {f.weights_file or 'given at load'})"
-
-
-def summarize(bundle: Bundle) -> dict:
-    """A JSON-ready summary of a bundle, as ``hellofmt info`` shows it.
-
-    Includes classes, image count and per-class counts, codec, image size, the foundation
-    reference, projector ranks and parameter count, bytes per file, and the label payload: the
-    projector file's bytes against what SRe2L-style stored labels would take for the same images
-    (images x 300 epochs x classes x 2 bytes, float16), with the ratio.
-    """
-    m = bundle.manifest
-    im = m.images
-    files = {name: e.size for name, e in sorted(m.files.items())}
-    proj_bytes = files.get(m.projector.file, 0)
-    stored = im.count * STORED_LABEL_EPOCHS * m.num_classes * 2
-    params = sum(t.rank * (sum(_matrix_shape(t.shape))) for t in m.projector.targets)
-    ranks = sorted({t.rank for t in m.projector.targets})
-    f = m.foundation
-    return {
-        "path": str(bundle.path),
-        "format_version": m.format_version,
-        "num_classes": m.num_classes,
-        "classes": list(m.classes),
-        "images": {
-            "count": im.count,
-            "per_class": list(im.per_class),
-            "per_class_min": min(im.per_class) if im.per_class else 0,
-            "per_class_max": max(im.per_class) if im.per_class else 0,
-            "codec": im.codec,
-            "quality": im.quality,
-            "height": im.height,
-            "width": im.width,
-            "shards": len(im.shards),
-        },
-        "foundation": {
-            "reference": _foundation_ref(f),
-            "library": f.library,
-            "architecture": f.architecture,
-            "source": f.source,
-            "weights_sha256": f.weights_sha256,
-            "image_size": f.image_size,
-        },
-        "projector": {
-            "file": m.projector.file,
-            "targets": len(m.projector.targets),
-            "ranks": ranks,
-            "head_rank": m.projector.head.rank if m.projector.head else None,
-            "dtype": m.projector.dtype,
-            "encoder_delta_parameters": params,
-        },
-        "files": files,
-        "total_bytes": sum(files.values()),
-        "label_payload": {
-            "projector_bytes": proj_bytes,
-            "stored_label_bytes": stored,
-            "stored_label_rule": f"images x {STORED_LABEL_EPOCHS} epochs x classes x 2 bytes (float16)",
-            "ratio": (stored / proj_bytes) if proj_bytes else None,
-        },
-        "metrics": dict(m.metrics),
-        "probe_views": len(m.probe.views) if m.probe else 0,
-    }
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"  # pragma: no cover
-
-
-def _ratio_text(ratio: float | None) -> str:
-    """How the label payload compares with stored labels, in words that stay right both ways."""
-    if not ratio:
-        return "n/a"
-    if ratio >= 1:
-        return f"{ratio:,.1f}x smaller than stored labels" if ratio < 10 else f"{ratio:,.0f}x smaller than stored labels"
-    return f"{1 / ratio:,.1f}x larger than stored labels (the projector pays off only at larger scale)"
-
-
-def format_summary(summary: dict) -> str:
-    """Render :func:`summarize`'s dict as the readable text ``hellofmt info`` prints."""
-    s = summary
-    im, fd, pr, lp = s["images"], s["foundation"], s["projector"], s["label_payload"]
-    names = ", ".join(s["classes"][:5]) + (f", ... ({s['num_classes'] - 5} more)" if s["num_classes"] > 5 else "")
-    codec = im["codec"] + (f" (quality {im['quality']})" if im["quality"] is not None else "")
-    lines = [
-        f"bundle      {s['path']} (hellofmt format {s['format_version']})",
-        f"classes     {s['num_classes']}: {names}",
-        f"images      {im['count']} ({im['per_class_min']}-{im['per_class_max']} per class), "
-        f"{im['width']}x{im['height']}, {codec}, {im['shards']} shard(s)",
-        f"foundation  {fd['reference']} [{fd['library']}, input {fd['image_size']}px, sha256 {fd['weights_sha256'][:12]}...]",
-        f"projector   {pr['targets']} targets, rank(s) {', '.join(map(str, pr['ranks'])) or '-'}, "
-        f"head rank {pr['head_rank'] if pr['head_rank'] is not None else '-'}, {pr['dtype']}, "
-        f"{pr['encoder_delta_parameters']:,} encoder delta parameters",
-        "files",
-    ]
-    width = max((len(n) for n in s["files"]), default=0)
-    for name, size in s["files"].items():
-        lines.append(f"  {name:<{width}}  {size:>14,} B  ({_human(size)})")
-    lines.append(f"  {'total':<{width}}  {s['total_bytes']:>14,} B  ({_human(s['total_bytes'])})")
-    ratio = _ratio_text(lp["ratio"])
-    lines += [
-        "label payload",
-        f"  projector      {_human(lp['projector_bytes'])}",
-        f"  stored labels  {_human(lp['stored_label_bytes'])}  ({lp['stored_label_rule']})",
-        f"  ratio          {ratio}",
-    ]
-    if s["metrics"]:
-        lines.append("metrics     " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(s["metrics"].items())))
-    return "\n".join(lines)

@@ -1,6 +1,6 @@
 """The ``hellofmt`` command line: a thin shell that parses arguments and calls library functions.
 
-Every command's logic lives in the library (``hellofmt.bundle.summarize``, ``Bundle.verify``, ...)
+Every command's logic lives in the library (``hellofmt.summary.summarize``, ``hellofmt.verify.verify_bundle``, ...)
 so that users can call the same functions from Python. A :class:`~hellofmt.errors.HellofmtError`
 is printed as one line on stderr with exit status 2, never as a traceback.
 """
@@ -15,7 +15,8 @@ import click
 
 from . import __version__
 from .errors import HellofmtError
-from .manifest import CODECS, MIX_MODES
+from .manifest import MIX_MODES
+from .summary import format_summary, summarize
 
 
 def _friendly_errors(fn):
@@ -44,7 +45,7 @@ def main() -> None:
 @_friendly_errors
 def info(bundle: str, as_json: bool) -> None:
     """Summarise BUNDLE: classes, images, codec, foundation, ranks, file sizes, label payload."""
-    from .bundle import Bundle, format_summary, summarize
+    from .bundle import Bundle  # imports torch: kept out of the CLI's start-up
 
     summary = summarize(Bundle.open(bundle))
     if as_json:
@@ -58,7 +59,7 @@ def info(bundle: str, as_json: bool) -> None:
 @_friendly_errors
 def verify(bundle: str) -> None:
     """Check every file of BUNDLE (sizes, sha256, images, projector tensors, probe); exit 1 on a problem."""
-    from .bundle import verify_bundle
+    from .verify import verify_bundle  # imports torch and the model: kept out of the CLI's start-up
 
     problems = verify_bundle(bundle)
     for line in problems:
@@ -68,70 +69,48 @@ def verify(bundle: str) -> None:
     click.echo(f"{bundle}: ok")
 
 
-@main.command()
+class _BuildCommand(click.Command):
+    """``hellofmt build``: its inputs are written below; its options are generated from the fields of
+    :class:`~hellofmt.builder.config.BuildConfig` the first time click asks for them (to parse or to
+    print ``--help``), not at import, so that the CLI's start-up never imports the builder."""
+
+    @property
+    def params(self) -> list[click.Parameter]:
+        if self._all_params is None:
+            # here, on first use, not at the top: see the class docstring
+            from .builder.config import BuildConfig, click_options
+
+            self._all_params = [*self._own_params, *click_options(BuildConfig)]
+        return self._all_params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._own_params = list(value)
+        self._all_params: list[click.Parameter] | None = None
+
+
+@main.command(cls=_BuildCommand)
 @click.option("--train-data", required=True, type=click.Path(path_type=str), help="Image-folder tree: DIR/CLASS/IMAGE.")
+@click.option("--classes", type=click.Path(path_type=str), help="JSON or TSV map: class folder -> readable name.")
 @click.option("--teacher", "teachers", required=True, multiple=True,
               help="timm:NAME or FILE.py:FACTORY; repeat to average several teachers.")
 @click.option("--teacher-weights", multiple=True, type=click.Path(path_type=str),
               help="safetensors weights of each timm teacher, in order.")
 @click.option("--foundation", required=True, help="ARCH:TAG, hf-hub:ORG/REPO or CONFIG.json[:WEIGHTS.safetensors].")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Bundle directory to write.")
-@click.option("--images", type=click.Path(path_type=str), help="Pre-made distilled images (image folder, same classes).")
-@click.option("--ipc", type=int, help="Images per class, selected RDED-style from the training data.")
-@click.option("--classes", type=click.Path(path_type=str), help="JSON or TSV map: class folder -> readable name.")
-@click.option("--template", "templates", multiple=True, help="Prompt template with {} for the class name (repeatable).")
-@click.option("--rank", default=8, show_default=True, help="Rank of the encoder deltas.")
-@click.option("--head-rank", default=8, show_default=True, help="Rank of the head delta (0: none).")
-@click.option("--alpha", type=float, help="Delta scale alpha (default: the rank).")
-@click.option("--head-alpha", type=float, help="Head delta scale (default: the head rank).")
-@click.option("--targets", multiple=True, help="Regex over foundation parameter names (repeatable; default per family).")
-@click.option("--epochs", default=10.0, show_default=True, help="Distillation epochs over the original data.")
-@click.option("--steps", type=int, help="Distillation steps (overrides --epochs).")
-@click.option("--batch-size", default=64, show_default=True, help="Batch size per process.")
-@click.option("--lr", default=2e-3, show_default=True)
-@click.option("--weight-decay", default=0.01, show_default=True)
-@click.option("--loss", type=click.Choice(["kl", "mse"]), default="kl", show_default=True,
-              help="Imitation loss: KL to the teacher at --temperature, or MSE on logits.")
-@click.option("--ce-weight", default=0.1, show_default=True, help="Weight of the hard-label cross-entropy.")
-@click.option("--temperature", default=1.0, show_default=True, help="Label temperature (KL loss, manifest recipe).")
-@click.option("--mix", type=click.Choice(MIX_MODES), default="cutmix", show_default=True,
-              help="The loader's default mixing (label recipe).")
-@click.option("--distill-mix", type=click.Choice(MIX_MODES),
-              help="Mixing of the distillation views (default: --mix).")
-@click.option("--image-size", type=int, help="Synthetic image side (default: the foundation's input size).")
-@click.option("--load-size", type=int, help="Side original images are loaded at (default: 8/7 of --image-size).")
-@click.option("--factor", default=2, show_default=True, help="Patches per side stitched into each image.")
-@click.option("--candidates", default=4, show_default=True, help="RDED candidate crops per kept patch.")
-@click.option("--refine-steps", default=0, show_default=True, help="Image refinement steps (0: off).")
-@click.option("--refine-lr", default=0.01, show_default=True)
-@click.option("--refine-prior", default=1.0, show_default=True, help="Weight of the stay-near-init term.")
-@click.option("--codec", type=click.Choice(CODECS), default="png", show_default=True)
-@click.option("--quality", type=int, help="jpeg/webp quality.")
-@click.option("--holdout", default=0.05, show_default=True, help="Fraction of original images held out for fidelity.")
-@click.option("--fidelity-views", default=4, show_default=True, help="Augmented views per image for fidelity.")
-@click.option("--embed-foundation/--no-embed-foundation", default=None,
-              help="Embed the foundation weights (default: only for random-init or config-file foundations).")
-@click.option("--checkpoint-dir", type=click.Path(path_type=str), help="Checkpoint folder (default OUT.ckpt).")
-@click.option("--checkpoint-every", default=200, show_default=True, help="Checkpoint every N steps.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint.")
-@click.option("--keep-checkpoints", is_flag=True, help="Keep the checkpoint folder after success.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at --out.")
-@click.option("--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available).")
-@click.option("--num-workers", default=0, show_default=True, help="Data-loading worker processes.")
-@click.option("--seed", default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--images", type=click.Path(path_type=str),
+              help="Pre-made distilled images (image folder, same classes), instead of --ipc.")
 @_friendly_errors
-def build(**opts) -> None:
-    """Build a bundle from original data and teacher(s): distil the projector, make the images."""
-    from .builder import build_bundle as run_build
+def build(train_data: str, classes: str | None, teachers: tuple[str, ...], teacher_weights: tuple[str, ...],
+          foundation: str, out: str, quiet: bool, images: str | None, **options) -> None:
+    """Build a bundle from original data and teacher(s): distil the projector, make the images.
 
-    quiet = opts.pop("quiet")
-    opts["teacher"] = list(opts.pop("teachers"))
-    opts["teacher_weights"] = list(opts["teacher_weights"]) or None
-    opts["templates"] = list(opts["templates"]) or None
-    opts["targets"] = list(opts["targets"]) or None
-    result = run_build(opts.pop("train_data"), opts.pop("teacher"), opts.pop("foundation"), opts.pop("out"),
-                       progress=not quiet, **opts)
+    The inputs come first; every other option is a field of hellofmt.BuildConfig."""
+    from .builder import BuildConfig, build_bundle  # the pipeline imports torch: loaded only when a build runs
+
+    result = build_bundle(train_data, list(teachers), foundation, out, BuildConfig(**options), images=images,
+                          classes=classes, teacher_weights=list(teacher_weights) or None, progress=not quiet)
     if result.path is None:  # torchrun ranks other than 0 write nothing
         return
     click.echo(result["summary"])
@@ -171,6 +150,51 @@ def pull(repo_id: str, directory: str | None, revision: str | None, token: str |
     from .hub import pull as pull_bundle
 
     click.echo(str(pull_bundle(repo_id, directory, revision=revision, token=token, force_download=force_download)))
+
+
+@main.command("eval")
+@click.argument("bundle", type=str)
+@click.option("--val", required=True, type=click.Path(path_type=str),
+              help="Held-out image folder VAL/CLASS/IMAGE with the bundle's classes (undecodable images are skipped).")
+@click.option("--val-classes", type=click.Path(path_type=str),
+              help="JSON or TSV map: val folder -> bundle class name (as build's --classes).")
+@click.option("--arms", help="Comma-separated arms: bundle, hard, teacher, random (default: all the inputs allow).")
+@click.option("--student", help="convnet[:depth=D,width=W,norm=N], timm:NAME or FILE.py:FACTORY (default: the protocol's).")
+@click.option("--protocol", default="quick", show_default=True, help="Student recipe: quick, rded or sre2l.")
+@click.option("--teacher", "teachers", multiple=True,
+              help="The teacher arm's labeller: timm:NAME or FILE.py:FACTORY (repeat to average several).")
+@click.option("--teacher-weights", multiple=True, type=click.Path(path_type=str),
+              help="safetensors weights of each timm teacher, in order.")
+@click.option("--train-data", type=click.Path(path_type=str), help="The original training image folder (random arm).")
+@click.option("--train-classes", type=click.Path(path_type=str),
+              help="Class map for --train-data's folders (default: --val-classes).")
+@click.option("--seeds", default=3, show_default=True, help="Students per arm (seeds 0..K-1).")
+@click.option("--epochs", type=int, help="Override the protocol's epochs.")
+@click.option("--batch-size", type=int, help="Override the protocol's batch size (global under torchrun).")
+@click.option("--lr", type=float, help="Override the protocol's learning rate.")
+@click.option("--weight-decay", type=float, help="Override the protocol's weight decay.")
+@click.option("--temperature", type=float, help="Override the protocol's label and student temperature.")
+@click.option("--mix", type=click.Choice(MIX_MODES), help="Override the protocol's mixing.")
+@click.option("--image-size", type=int, help="Student and val image side (default: the bundle's image size).")
+@click.option("--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available).")
+@click.option("--json", "json_path", type=click.Path(path_type=str), help="Also write the results as JSON here.")
+@click.option("--record", is_flag=True, help="Append the results to the bundle manifest's evaluations.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_friendly_errors
+def eval_(bundle: str, teachers: tuple[str, ...], teacher_weights: tuple[str, ...], quiet: bool, **opts) -> None:
+    """Train students on BUNDLE (a folder or a Hub id) and report their top-1 on --val, per arm: the bundle's
+    labels, hard labels, the teacher online, and a random real subset labelled by the same projector."""
+    from .evaluation import evaluate
+
+    result = evaluate(bundle, opts.pop("val"), teacher=list(teachers) or None,
+                      teacher_weights=list(teacher_weights) or None, progress=not quiet, **opts)
+    if result.rank != 0:  # under torchrun, rank 0 reports
+        return
+    click.echo(result.format_table())
+    if opts.get("json_path"):
+        click.echo(f"wrote {opts['json_path']}")
+    if opts.get("record"):
+        click.echo(f"recorded in {result.bundle}/hellofmt.json (evaluations)")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,14 +9,16 @@ and the hard label. There is no per-sample Python and no host round trip in that
 
 ``ds[i]`` returns a CPU ``(uint8 CHW tensor, class)`` pair, so a plain
 ``torch.utils.data.DataLoader`` works too for users with their own pipeline, who then call
-:meth:`DistilledDataset.label` on their batches.
+:meth:`DistilledDataset.soft_labels` (or :meth:`DistilledDataset.logits`) on their batches.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +27,8 @@ import torch
 
 from .errors import BundleNotFoundError, InputError
 from .manifest import MANIFEST_NAME, MAX_IMAGE_SIDE, MIX_MODES
+from .summary import format_bytes  # the package's one byte formatter; re-exported (it was defined here)
+from .teacher import IMAGENET_MEAN, IMAGENET_STD, ProjectorTeacher
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle
@@ -47,14 +51,19 @@ _SEED_LIMIT = 2**63
 _EPOCH_LIMIT = 2**62
 
 
-def format_bytes(n: int) -> str:
-    """``1536`` -> ``'1.5 KiB'``: memory sizes for log lines."""
-    x = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if x < 1024 or unit == "GiB":
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    return f"{x:.1f} GiB"  # pragma: no cover
+# The release that drops the deprecated ``label``/``soft_label`` aliases.
+_ALIASES_REMOVED_IN = "0.3.0"
+
+
+def _deprecated(old: str, new: str) -> None:
+    # FutureWarning, not DeprecationWarning: Python hides the latter outside __main__ and tests,
+    # and this rename is for users' own training scripts (pandas and timm do the same).
+    warnings.warn(
+        f"DistilledDataset.{old}() is deprecated and will be removed in hellofmt {_ALIASES_REMOVED_IN}; "
+        f"use DistilledDataset.{new} instead",
+        FutureWarning,
+        stacklevel=3,
+    )
 
 
 def _is_int(x) -> bool:
@@ -141,11 +150,22 @@ class DistilledDataset:
         verify: check every file's sha256 and the manifest's probe (the projector must reproduce
             the builder's logits); ``False`` skips both, e.g. for a bundle already verified.
         num_threads: threads used to decode the images (default: one per core).
-        label_batch_size: the largest batch :meth:`label` sends through the projector at once.
+        label_batch_size: the largest batch :meth:`logits` sends through the projector at once.
         compile: ``torch.compile`` the projector.
         check_fingerprint: refuse foundation weights whose fingerprint differs from the manifest's
             (``False`` only warns; the probe still catches labels that would differ).
         token: Hugging Face token for a private Hub repository (default: the logged-in one).
+
+    Raises:
+        InputError: a bad argument (device, thread count, batch size, ``revision`` with a local path).
+        BundleNotFoundError: ``source`` is neither a bundle directory nor a Hub id.
+        ManifestError: the manifest is malformed, or of a newer major format version.
+        IntegrityError, MissingFileError: a file differs from its manifest entry, or is absent.
+        ImageStoreError: an image shard or an image in it is malformed.
+        FoundationError: the foundation weights cannot be resolved or do not match the manifest.
+        ProjectorError: the projector file does not fit the manifest or the foundation.
+        ProbeMismatchError: the assembled projector does not reproduce the builder's probe.
+        HubError: (Hub ids) the download failed; see :func:`hellofmt.hub.pull`.
 
     Attributes: ``bundle``, ``manifest``, ``projector``, ``images`` (uint8 ``[N,3,H,W]``),
     ``targets`` (int64 ``[N]``), ``device``, ``memory_bytes`` (bytes the images and targets take),
@@ -153,7 +173,7 @@ class DistilledDataset:
 
     ``ds[i]`` copies one image to the CPU. For a multi-worker ``torch.utils.data.DataLoader``, open
     the dataset with ``device="cpu"`` (worker processes cannot share a parent's CUDA tensors) and
-    send its batches to :meth:`label` on the GPU; :meth:`loader` is the fast path.
+    send its batches to :meth:`soft_labels` on the GPU; :meth:`loader` is the fast path.
     """
 
     def __init__(
@@ -317,38 +337,109 @@ class DistilledDataset:
         )
 
     # ---- labels ----------------------------------------------------------------------------------
-    def label(self, images: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        """Projector logits ``[B, C]`` (float32, on ``ds.device``) for float images ``[B,3,h,w]`` in [0, 1].
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The projector's logits for a batch of images: raw scores, not probabilities.
 
         Any ``h, w``: the projector resizes to its foundation's input size. Large batches go through
         in chunks of ``label_batch_size`` to bound memory; the result does not depend on the split
-        beyond float rounding. With ``temperature`` the logits are divided by it (``softmax`` of the
-        result is then the soft label at that temperature). Bad input raises :class:`InputError`.
+        beyond float rounding. For training targets use :meth:`soft_labels`, which applies the
+        recipe's temperature and the softmax.
+
+        Args:
+            images: float ``[B, 3, h, w]`` in [0, 1], on any device.
+
+        Returns:
+            float32 logits ``[B, C]`` on ``ds.device``.
+
+        Raises:
+            InputError: ``images`` is not a float ``[B, 3, h, w]`` tensor in [0, 1].
         """
         from .projector import check_label_input
 
         check_label_input(images)
-        t = self._check_temperature(temperature) if temperature is not None else None
         outs = []
         with torch.no_grad():
             for start in range(0, images.shape[0], self.label_batch_size):
                 chunk = images[start : start + self.label_batch_size].to(self.device, non_blocking=True)
                 outs.append(self.projector(chunk).float())
-        logits = torch.cat(outs) if outs else torch.empty(0, self.num_classes, device=self.device)
-        if t is not None:
-            logits = logits / t
-        return logits
+        return torch.cat(outs) if outs else torch.empty(0, self.num_classes, device=self.device)
+
+    def soft_labels(self, images: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Soft labels ``softmax(logits(images) / T)``: the targets a student trains on.
+
+        Args:
+            images: float ``[B, 3, h, w]`` in [0, 1], on any device.
+            temperature: ``T`` (a number > 0); default: the bundle's recipe (:attr:`temperature`).
+
+        Returns:
+            float32 probabilities ``[B, C]`` on ``ds.device``; each row sums to 1.
+
+        Raises:
+            InputError: bad ``images``, or ``temperature`` not a number > 0.
+        """
+        t = self._check_temperature(self.temperature if temperature is None else temperature)
+        return torch.softmax(self.logits(images) / t, dim=1)
+
+    def label(self, images: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """Deprecated alias of :meth:`logits` (removed in 0.3.0): it returns logits, not labels.
+
+        With ``temperature`` the logits are divided by it, as before the rename.
+        """
+        _deprecated("label", "logits(images)")
+        t = self._check_temperature(temperature) if temperature is not None else None
+        logits = self.logits(images)
+        return logits / t if t is not None else logits
 
     def soft_label(self, images: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        """``softmax(label(images) / T)``: soft labels ``[B, C]``; ``T`` defaults to the bundle's recipe."""
-        t = self.temperature if temperature is None else temperature
-        return torch.softmax(self.label(images, temperature=t), dim=1)
+        """Deprecated alias of :meth:`soft_labels` (removed in 0.3.0)."""
+        _deprecated("soft_label", "soft_labels(images, temperature)")
+        return self.soft_labels(images, temperature=temperature)
 
     @staticmethod
     def _check_temperature(t) -> float:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
             raise InputError(f"temperature must be a number > 0, got {t!r}", field="temperature")
         return float(t)
+
+    # ---- other images, same projector ------------------------------------------------------------
+    def with_images(self, images: torch.Tensor, labels: torch.Tensor) -> DistilledDataset:
+        """A dataset of other images labelled by this one's projector: the same manifest, projector
+        and device, shared (nothing is copied or reloaded), with ``images`` in place of the bundle's.
+
+        What ``hellofmt eval`` trains its ``random`` arm on: real images labelled by the same
+        projector, through the same loader. The bundle on disk is not touched.
+
+        Args:
+            images: uint8 ``[N, 3, H, W]`` (any ``H, W``; the loader crops and resizes them).
+            labels: int64 class indices ``[N]``, each in ``[0, num_classes)``.
+
+        Returns:
+            a new :class:`DistilledDataset` whose ``images``/``targets`` are the given ones (on
+            this dataset's image storage device); ``bundle``, ``manifest`` and ``projector`` are
+            this dataset's.
+
+        Raises:
+            InputError: ``images`` is not a non-empty uint8 ``[N, 3, H, W]`` tensor, or ``labels``
+                does not hold ``N`` integers in ``[0, num_classes)``.
+        """
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4 \
+                or images.shape[1] != 3 or images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+            desc = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InputError(f"images must be a non-empty uint8 [N, 3, H, W] tensor, got {desc}", field="images")
+        n = images.shape[0]
+        if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.shape != (n,):
+            desc = f"{labels.dtype} {list(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels).__name__
+            raise InputError(f"labels must be {n} integer class indices, got {desc}", field="labels")
+        labels = labels.to(torch.int64).cpu()
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise InputError(f"labels must be in [0, {self.num_classes}), got {int(labels.min())}..{int(labels.max())}",
+                             field="labels")
+        other = copy.copy(self)  # shares bundle, manifest, projector; the fields below are replaced
+        other.images = images.to(self.images.device)
+        other.targets = labels.to(self.images.device)
+        other._targets_cpu = labels
+        other.memory_bytes = int(images.numel() + labels.numel() * 8)
+        return other
 
     # ---- the training loader ---------------------------------------------------------------------
     def loader(
@@ -368,19 +459,38 @@ class DistilledDataset:
         world_size: int | None = None,
         epochs: int = 1,
     ) -> DistilledLoader:
-        """A loader of ``(images [B,3,S,S] in [0,1], soft [B,C], hard [B] int64)`` batches on the device.
+        """A loader of on-device training batches: augmented views, their soft labels, hard labels.
 
         Each batch: the shard's next indices, one batched random-resized-crop + flip to
-        ``image_size`` (``scale``/``ratio`` as in torchvision), the optional ``mix`` (``"none"``,
-        ``"cutmix"``, ``"mixup"``, ``"cutmix-mixup"``), then ``soft = softmax(projector(view) / T)``
-        for that exact view; ``hard`` is the class of the image that dominates the view. ``scale``,
-        ``ratio``, ``mix``, ``temperature`` and ``flip`` (random horizontal flips; on when the
-        recipe's ``augmentation`` names ``flip``) default to the bundle's label recipe. ``rank``/``world_size``
-        default to ``torch.distributed``'s; see :func:`shard_indices` for how shards are cut and
-        padded (``drop_last=True`` also drops each rank's last incomplete batch, so every batch
-        has ``batch_size`` images). Iterating the loader runs ``epochs`` epochs from its current epoch and then advances
-        it; :meth:`DistilledLoader.set_epoch` sets it, as with ``DistributedSampler``. Batches are
-        a pure function of ``(seed, epoch, rank, world_size)``.
+        ``image_size``, the optional mix, then ``soft = softmax(projector(view) / T)`` for that exact
+        view. Iterating the loader runs ``epochs`` epochs from its current epoch and then advances
+        it; :meth:`DistilledLoader.set_epoch` sets it, as with ``DistributedSampler``. Batches are a
+        pure function of ``(seed, epoch, rank, world_size)``. Arguments left at ``None`` take the
+        bundle's label recipe (``manifest.labels``).
+
+        Args:
+            batch_size: images per batch (per rank).
+            image_size: side ``S`` of the square views the student sees.
+            scale: ``(min, max)`` area fraction of the random resized crop, as in torchvision.
+            ratio: ``(min, max)`` aspect ratio of the random resized crop, as in torchvision.
+            mix: ``"none"``, ``"cutmix"``, ``"mixup"`` or ``"cutmix-mixup"``.
+            temperature: ``T`` of the soft labels (a number > 0).
+            flip: random horizontal flips (default: on when the recipe's ``augmentation`` names ``flip``).
+            shuffle: a new random order each epoch (from ``seed + epoch``); ``False`` keeps index order.
+            seed: integer in [0, 2**63): the order and augmentation stream.
+            drop_last: drop each rank's last incomplete batch (every batch then has ``batch_size``
+                images) and cut the shard tail instead of padding it; see :func:`shard_indices`.
+            rank: this process's rank (default: ``torch.distributed``'s, else 0).
+            world_size: the number of processes (default: ``torch.distributed``'s, else 1).
+            epochs: epochs one iteration of the loader runs (>= 1).
+
+        Returns:
+            A :class:`DistilledLoader`. Each batch is ``(images, soft, hard)``: float
+            ``[B, 3, S, S]`` in [0, 1], float32 ``[B, C]`` probabilities, and int64 ``[B]`` classes
+            (the class of the image that dominates the view), all on ``ds.device``.
+
+        Raises:
+            InputError: an argument out of range or of the wrong type.
         """
         return DistilledLoader(
             self,
@@ -398,6 +508,45 @@ class DistilledDataset:
             world_size=world_size,
             epochs=epochs,
         )
+
+    # ---- the projector as a teacher model --------------------------------------------------------
+    def as_teacher(
+        self,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        temperature: float | None = None,
+    ) -> ProjectorTeacher:
+        """The projector as a drop-in teacher ``nn.Module``: a tool's normalised images in, logits out.
+
+        For tools built around a live teacher model. The module un-normalises its input with
+        ``mean``/``std`` (what the tool's ``transforms.Normalize`` used), clamps to [0, 1] and returns
+        the projector's logits; it owns no parameters (an empty ``state_dict``), stays in eval mode
+        whatever ``.train()`` says, accepts any input size and device, and returns logits on the
+        input's device in its dtype. The logits' class order is the bundle's (``ds.classes``): the
+        tool's labels must use the same order (``ImageFolder`` sorts its class folders by name).
+
+        - SRe2L ``validate/train_KD.py`` and RDED ``validation/main.py`` (both normalise with
+          ImageNet's mean and std, the default here): replace the teacher they load with
+          ``teacher_model = DistilledDataset(BUNDLE, device="cuda").as_teacher()``; their
+          ``nn.DataParallel(teacher_model).cuda()``, ``.eval()``, ``requires_grad = False`` loop and
+          ``softmax(teacher_model(images) / T)`` then work unchanged.
+        - DD-Ranking: see ``examples/ddranking_eval.py``; for its CIFAR-10/100 datasets pass
+          ``mean=hellofmt.teacher.CIFAR_MEAN, std=hellofmt.teacher.CIFAR_STD``.
+
+        Args:
+            mean: per-channel mean of the tool's normalisation (default: ImageNet's, as torchvision,
+                timm, SRe2L and RDED use); ``(0, 0, 0)`` with ``std=(1, 1, 1)`` for images in [0, 1].
+            std: per-channel standard deviation of the tool's normalisation (3 numbers > 0).
+            temperature: divide the logits by it (a number > 0); ``None`` (default) returns raw
+                logits, for tools that apply their own temperature.
+
+        Returns:
+            A :class:`~hellofmt.teacher.ProjectorTeacher` sharing this dataset's projector.
+
+        Raises:
+            InputError: ``mean``, ``std`` or ``temperature`` malformed (the error names the field).
+        """
+        return ProjectorTeacher(self.projector, mean=mean, std=std, temperature=temperature)
 
 
 class DistilledLoader:

@@ -36,6 +36,8 @@ __all__ = [
     "BuildError",
     "BuildInputError",
     "TeacherError",
+    "EvalError",
+    "EvalInputError",
     "HubError",
     "RepositoryNotFoundError",
     "RevisionNotFoundError",
@@ -165,6 +167,16 @@ class BuildInputError(BuildError, ValueError):
 
 class TeacherError(BuildError):
     """A teacher cannot be loaded or gives unusable outputs (wrong class count, NaN)."""
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+class EvalError(HellofmtError):
+    """``hellofmt eval`` cannot go on: a student or a labeller fails while training or evaluating."""
+
+
+class EvalInputError(EvalError, ValueError):
+    """An eval input (validation folder, arm, protocol, student spec, option) is unusable; checked
+    before any student is trained."""
 
 
 # --- Hugging Face Hub ----------------------------------------------------------------------------

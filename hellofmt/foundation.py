@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import re
-import sys
 import tempfile
 import threading
 import warnings
@@ -50,6 +49,8 @@ from torch import Tensor, nn
 
 from . import manifest as mf
 from .errors import FingerprintMismatchError, FoundationError, TensorFileError
+from .fingerprint import FINGERPRINT_VERSION, canonical_state, fingerprint  # re-exported: public here before
+from .tensorfile import header_shapes, load_safetensors, read_safetensors_header
 
 __all__ = [
     "EMBEDDED_WEIGHTS_FILE",
@@ -63,8 +64,7 @@ __all__ = [
     "foundation_metadata",
 ]
 
-EMBEDDED_WEIGHTS_FILE = "foundation.safetensors"
-FINGERPRINT_VERSION = "hellofmt-fingerprint-v1"
+EMBEDDED_WEIGHTS_FILE = mf.FOUNDATION_FILE
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npz", ".npy")
 _HF_CONFIG_NAME = "open_clip_config.json"
 _HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -195,74 +195,6 @@ def _check_architecture(arch: str, known: list[str]) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Fingerprint
-# --------------------------------------------------------------------------------------------------
-def _canonical_state(state: nn.Module | dict[str, Tensor]) -> dict[str, Tensor]:
-    if isinstance(state, nn.Module):
-        state = state.state_dict()
-        # A model carrying low-rank deltas (training form) fingerprints as its base weights:
-        # "<m>.parametrizations.<w>.original" is the base "<m>.<w>"; the deltas are not foundation.
-        if any(".parametrizations." in k for k in state):
-            plain = {}
-            for k, v in state.items():
-                if ".parametrizations." not in k and not k.startswith("parametrizations."):
-                    plain[k] = v
-                elif k.endswith(".original"):
-                    prefix, _, rest = k.partition("parametrizations.")
-                    plain[prefix + rest.removesuffix(".original")] = v
-            state = plain
-    # attn_mask is a derived constant (the causal mask), a non-persistent buffer in open_clip's
-    # CLIP and so absent from state_dict(); dropped from plain dicts too so both forms agree.
-    return {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] != "attn_mask"}
-
-
-def fingerprint(state: nn.Module | dict[str, Tensor]) -> str:
-    """Canonical sha256 fingerprint of foundation weights (lowercase hex), independent of the file
-    format or device they came from. For a module, its ``state_dict()`` is used (parameters and
-    persistent buffers; non-persistent buffers are not in it; a model carrying low-rank deltas in
-    the training form counts as its base weights); from a dict, any entry whose last
-    name component is ``attn_mask`` is dropped as well, so both forms agree. The hash is SHA-256
-    over: the ASCII line ``hellofmt-fingerprint-v1\\n``, then for each tensor in ascending order of
-    name (Python ``sorted``, i.e. Unicode code point order) the UTF-8 text
-    ``NAME\\nDTYPE\\nSHAPE\\nNBYTES\\n`` followed by NBYTES raw bytes. DTYPE is the torch dtype
-    without the ``torch.`` prefix (``float32``, ``bfloat16``, ``int64``), SHAPE the sizes joined by
-    ``,`` (empty for a 0-d tensor), NBYTES the decimal byte count, and the bytes are the tensor's
-    elements in C (row-major, contiguous) order, each in little-endian byte order (a bool is one
-    byte, 0 or 1).
-    hellofmt fingerprints a model as loaded (float32 parameters), so the fingerprint of a float16
-    checkpoint is that of its float32 upcast."""
-    h = hashlib.sha256()
-    h.update(f"{FINGERPRINT_VERSION}\n".encode("ascii"))
-    canon = _canonical_state(state)
-    for name in sorted(canon):
-        t = canon[name]
-        if not isinstance(t, Tensor):
-            raise FoundationError(f"expected a tensor, got {type(t).__name__}", field=name)
-        t = t.detach()
-        dtype = str(t.dtype).removeprefix("torch.")
-        shape = ",".join(str(s) for s in t.shape)
-        raw = _le_bytes(t)
-        h.update(f"{name}\n{dtype}\n{shape}\n{raw.nbytes}\n".encode("utf-8"))
-        h.update(raw)
-    return h.hexdigest()
-
-
-def _le_bytes(t: Tensor):
-    """The tensor's elements as a little-endian uint8 numpy array (no copy when already CPU+contiguous)."""
-    t = t.to("cpu").contiguous()
-    if t.dtype == torch.bool:
-        t = t.to(torch.uint8)
-    if t.numel() == 0:
-        import numpy as np
-
-        return np.zeros(0, dtype=np.uint8)
-    u8 = t.reshape(-1).view(torch.uint8)
-    if sys.byteorder == "big" and t.element_size() > 1:  # pragma: no cover - no big-endian CI
-        u8 = u8.reshape(-1, t.element_size()).flip(1).reshape(-1)
-    return u8.numpy()
-
-
-# --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
 @dataclass
@@ -350,7 +282,7 @@ def foundation_tensors(model: nn.Module) -> dict[str, Tensor]:
         )
     # Fresh copies: merging deltas into the model later cannot change what gets written, and no
     # two tensors share storage (safetensors refuses that).
-    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in _canonical_state(model).items()}
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in canonical_state(model).items()}
 
 
 def foundation_metadata(reference: mf.Foundation) -> dict[str, str]:
@@ -750,43 +682,41 @@ def _hub_file(repo: str, filename: str) -> Path:
         raise FoundationError(f"download failed: {e}", file=where, fix="check the network, or set HF_HUB_OFFLINE=1 to use the cache") from None
 
 
-def _header_shapes(path: Path, *, error: type) -> dict[str, list[int]]:
-    """Tensor shapes from a safetensors header, without reading the data."""
-    from safetensors import safe_open
+def _as(error: type, e: TensorFileError) -> Exception:
+    """The checked reader's TensorFileError as the caller's error type, same message and fix."""
+    if error is TensorFileError:
+        return e
+    return error(e.message, file=e.file, field=e.field, fix=e.fix)
 
+
+def _header_shapes(path: Path, *, error: type) -> dict[str, list[int]]:
+    """Tensor shapes from a checked safetensors header, without reading the data."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except Exception as e:
-        raise error(
-            f"not a readable safetensors file: {e}",
-            file=path,
-            fix="the file is truncated or corrupt: download or convert it again",
-        ) from None
+        return header_shapes(path)
+    except TensorFileError as e:
+        raise _as(error, e) from None
 
 
 def _read_safetensors(path: Path, *, error: type, embedded: bool) -> dict[str, Tensor]:
-    from safetensors import safe_open
-
+    """Every tensor of a weights file, through the one checked reader (header, dtypes, byte ranges);
+    embedded weights must also say they are a hellofmt foundation."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta = f.metadata() or {}
-            if embedded and meta.get("format", "hellofmt-foundation") != "hellofmt-foundation":
-                raise error(
-                    f"metadata format is {meta.get('format')!r}, not 'hellofmt-foundation'",
-                    file=path,
-                    field="__metadata__.format",
-                    fix="rebuild the bundle",
-                )
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except error:
-        raise
-    except Exception as e:  # SafetensorError, OSError, hostile headers
+        header = read_safetensors_header(path)
+    except TensorFileError as e:
+        raise _as(error, e) from None
+    meta = header.get("__metadata__", {})
+    if embedded and meta.get("format", "hellofmt-foundation") != "hellofmt-foundation":
         raise error(
-            f"not a readable safetensors file: {e}",
+            f"metadata format is {meta.get('format')!r}, not 'hellofmt-foundation'",
             file=path,
-            fix="the file is truncated or corrupt: download or convert it again",
-        ) from None
+            field="__metadata__.format",
+            fix="rebuild the bundle",
+        )
+    try:
+        state, _ = load_safetensors(path, header=header)
+    except TensorFileError as e:
+        raise _as(error, e) from None
+    return state
 
 
 def _load_weights(model: nn.Module, path: Path, *, error: type, embedded: bool = False) -> None:

@@ -30,12 +30,12 @@ from .errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from .manifest import MANIFEST_NAME
+from .manifest import CARD_NAME, MANIFEST_NAME
+from .summary import format_bytes, ratio_text, summarize
 
 __all__ = ["REPO_TYPE", "is_hub_id", "parse_hub_id", "pull", "push", "dataset_card"]
 
 REPO_TYPE = "dataset"
-CARD_NAME = "README.md"
 _HF_PREFIX = "hf://datasets/"
 # Hub repository names: letters, digits, '-', '_', '.'; no '--' or '..'; at most 96 characters.
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
@@ -232,18 +232,34 @@ def pull(
 ) -> Path:
     """Download the bundle ``repo_id`` from the Hub, check every file's sha256, return its path.
 
-    ``repo_id`` is ``user/name`` or ``hf://datasets/user/name`` (optionally ``@revision``). Files go
-    to huggingface_hub's cache (shared, one folder per commit) or, with ``local_dir``, to that
-    directory. ``revision`` is a branch, tag or commit. Works offline from the cache (no network, or
-    ``HF_HUB_OFFLINE=1``). Raises RepositoryNotFoundError, RevisionNotFoundError,
-    AuthenticationError, OfflineError, BundleNotFoundError (the repository holds no hellofmt.json)
-    or IntegrityError (a downloaded file differs from its manifest entry). ``verify=False`` leaves
-    the sha256 checks (not the size checks) to the caller, e.g. one that opens the bundle with
-    ``Bundle.open(path, verify=True)`` next, so that every file is hashed once, not twice.
+    Files go to huggingface_hub's cache (shared, one folder per commit) or, with ``local_dir``, to
+    that directory. Works offline from the cache (no network, or ``HF_HUB_OFFLINE=1``). A repository
+    without ``hellofmt.json`` is refused after one small request, before anything is downloaded.
+
+    Args:
+        repo_id: ``user/name`` or ``hf://datasets/user/name``, optionally ``@revision``.
+        local_dir: download into this directory instead of the cache.
+        revision: branch, tag or commit (default: ``main``, or the ``@revision`` of ``repo_id``).
+        token: Hugging Face token for a private repository (default: the logged-in one; ``False``: none).
+        force_download: download again even if the cache has the files.
+        verify: check every file's sha256 against the manifest. ``False`` leaves the sha256 checks
+            (not the size checks) to the caller, e.g. one that opens the bundle with
+            ``Bundle.open(path, verify=True)`` next, so that every file is hashed once, not twice.
+
+    Returns:
+        The local bundle directory (holding ``hellofmt.json``).
+
+    Raises:
+        InputError: ``repo_id`` is not a Hub id, or it and ``revision`` name two different revisions.
+        RepositoryNotFoundError, RevisionNotFoundError: no such repository or revision (or no access).
+        AuthenticationError: the token is missing or invalid for a private repository.
+        OfflineError: no network and the files are not in the cache.
+        BundleNotFoundError: the repository holds no ``hellofmt.json``.
+        IntegrityError: a downloaded file differs from its manifest entry.
     """
     from huggingface_hub import HfApi, snapshot_download
 
-    from .bundle import Bundle
+    from .bundle import Bundle  # imports torch: kept out of `import hellofmt.hub`
 
     repo_id, revision = _repo_id_and_revision(repo_id, revision)
     where = _where(repo_id, revision)
@@ -316,18 +332,35 @@ def push(
     token: str | None = None,
     license: str | None = None,
 ) -> str:
-    """Upload the bundle at ``bundle_dir`` to the Hub dataset ``repo_id`` in one commit; return its URL.
+    """Upload the bundle at ``bundle_dir`` to the Hub dataset ``repo_id`` in one commit.
 
     The bundle is opened and every sha256 checked first: a broken bundle is refused before anything
-    is sent. The dataset repository is created if needed (``private`` applies only then), and the
-    branch ``revision`` too. The commit holds the manifest, every file it lists and a generated
-    ``README.md`` dataset card (:func:`dataset_card`, with ``license`` in its metadata); ``.safetensors``
-    files of an earlier push that the new bundle lacks are deleted in the same commit, other files
-    are kept. Raises the bundle's own errors, AuthenticationError, OfflineError, HubError.
+    is sent. The commit holds the manifest, every file it lists and a generated ``README.md``
+    dataset card (:func:`dataset_card`); ``.safetensors`` files of an earlier push that the new
+    bundle lacks are deleted in the same commit, other files are kept.
+
+    Args:
+        bundle_dir: the local bundle directory.
+        repo_id: ``user/name`` or ``hf://datasets/user/name``, optionally ``@branch``.
+        private: create the repository private (applies only when it is created).
+        revision: the branch to commit to, created if needed (default: ``main``); not a commit hash.
+        message: the commit message (default: a one-line summary of the bundle).
+        token: Hugging Face token with write access (default: the logged-in one).
+        license: a Hub license id for the card's metadata (e.g. ``"apache-2.0"``, ``"cc-by-4.0"``).
+
+    Returns:
+        The URL of the new commit.
+
+    Raises:
+        HellofmtError: the bundle's own errors (prefixed "refusing to push a broken bundle").
+        InputError: a malformed ``repo_id`` or ``license``, or ``revision`` is a commit hash.
+        AuthenticationError: no token, or one without write access.
+        OfflineError: no network.
+        HubError: any other Hub failure.
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from .bundle import Bundle
+    from .bundle import Bundle  # imports torch: kept out of `import hellofmt.hub`
 
     repo_id, revision = _repo_id_and_revision(repo_id, revision)
     if revision is not None and _COMMIT.match(revision):
@@ -386,9 +419,7 @@ def _md(text: str) -> str:
 
 
 def _bytes(n: int) -> str:
-    from .bundle import _human
-
-    return f"{n:,} bytes ({_human(n)})" if n >= 1000 else f"{n:,} bytes"
+    return f"{n:,} bytes ({format_bytes(n)})" if n >= 1024 else f"{n:,} bytes"
 
 
 def _size_category(n: int) -> str:
@@ -408,7 +439,7 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
     it replaces (images x 300 epochs x classes x 2 bytes), the fidelity metrics of
     ``manifest.metrics``, every file with its size and sha256, and a usage snippet for ``repo_id``.
     """
-    from .bundle import Bundle, _ratio_text, summarize
+    from .bundle import Bundle  # imports torch: kept out of `import hellofmt.hub`
 
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
@@ -450,7 +481,7 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
         f"rank {ranks}{head}, {pr['dtype']} |",
         f"| Stored soft labels it replaces | {_bytes(lp['stored_label_bytes'])} "
         f"({lp['stored_label_rule']}) |",
-        f"| Ratio | the label payload is {_ratio_text(ratio)} |",
+        f"| Ratio | the label payload is {ratio_text(ratio)} |",
         "",
         "## Fidelity", "",
     ]

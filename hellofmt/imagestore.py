@@ -7,17 +7,15 @@ quality), ``raw`` (CHW uint8 bytes). Every image of a bundle has the same height
 whole shard decodes into one uint8 tensor [N, 3, H, W].
 
 Nothing read from a file is trusted before it is checked: the safetensors header length against
-the file size, every tensor's dtype, shape and byte range, the offsets, the labels, and each image's
-declared size before its pixels are decoded (so a hostile image cannot make us allocate much).
+the file size, every tensor's dtype, shape and byte range (by :mod:`hellofmt.tensorfile`), the
+offsets, the labels, and each image's declared size before its pixels are decoded (so a hostile
+image cannot make us allocate much).
 """
 
 from __future__ import annotations
 
 import io
-import json
-import math
 import os
-import struct
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,9 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import save
 
 from .errors import ImageDecodeError, ImageStoreError, InputError, TensorFileError
-from .manifest import CODECS, MAX_IMAGE_COUNT, MAX_IMAGE_SIDE, MAX_SHARD_BYTES
+from .manifest import CODECS, MAX_HEADER_BYTES, MAX_IMAGE_COUNT, MAX_IMAGE_SIDE, MAX_SHARD_BYTES
+# Re-exported: they lived here before the one checked reader got its own module.
+from .tensorfile import load_safetensors, read_safetensors_header
 
 __all__ = [
     "DEFAULT_QUALITY",
@@ -47,13 +48,7 @@ __all__ = [
 IMAGES_FORMAT = "hellofmt-images"
 DEFAULT_SHARD_BYTES = 512 * 1024**2
 DEFAULT_QUALITY = 90  # jpeg / webp when no quality is given
-# safetensors' own reader refuses headers over 100 MB; we refuse them before reading a byte of them.
-MAX_HEADER_BYTES = 100 * 1000 * 1000
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
-_ST_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-    "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8,
-}  # fmt: skip
 _INDEX_BYTES_PER_IMAGE = 16  # one int64 offset + one int64 label
 
 
@@ -151,105 +146,6 @@ def decode_image(
 
 
 # --------------------------------------------------------------------------------------------------
-# safetensors, read defensively
-# --------------------------------------------------------------------------------------------------
-def read_safetensors_header(path: str | os.PathLike[str], *, file: str | os.PathLike[str] | None = None) -> dict:
-    """Read and check the header of a safetensors file without trusting it; return it as a dict.
-
-    The 8-byte header length is checked against the file size (and a 100 MB cap) before the header
-    is read, so a header that claims a huge length never causes a huge allocation; then every
-    tensor's dtype, shape and byte range is checked against the data region, which must be covered
-    exactly. Raises TensorFileError naming ``file`` (default: ``path``).
-    """
-    file = path if file is None else file
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise TensorFileError(f"file is {size} bytes, too short for a safetensors header", file=file,
-                                      fix="the file is truncated: re-download or rebuild the bundle")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise TensorFileError(
-                    f"safetensors header claims {n} bytes but the file has {size} bytes",
-                    file=file, fix="the file is truncated or hostile: re-download or rebuild the bundle",
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise TensorFileError(f"cannot read: {e.strerror or e}", file=file) from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: hostile nesting
-        raise TensorFileError(f"safetensors header is not JSON: {type(e).__name__}: {str(e)[:200]}", file=file) from None
-    if not isinstance(header, dict):
-        raise TensorFileError("safetensors header is not a JSON object", file=file)
-    data_len = size - 8 - n
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
-                raise TensorFileError("__metadata__ must map strings to strings", file=file, field="__metadata__")
-            continue
-        ok = (
-            isinstance(info, dict)
-            and info.get("dtype") in _ST_DTYPES
-            and isinstance(info.get("shape"), list)
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
-            and isinstance(info.get("data_offsets"), list)
-            and len(info["data_offsets"]) == 2
-            and all(isinstance(d, int) and not isinstance(d, bool) for d in info["data_offsets"])
-        )
-        if not ok:
-            raise TensorFileError("malformed tensor entry in the safetensors header", file=file, field=name)
-        begin, end = info["data_offsets"]
-        nbytes = math.prod(info["shape"]) * _ST_DTYPES[info["dtype"]]
-        if not 0 <= begin <= end <= data_len or end - begin != nbytes:
-            raise TensorFileError(
-                f"tensor bytes [{begin}, {end}) do not fit shape {info['shape']} {info['dtype']} in a "
-                f"{data_len}-byte data region", file=file, field=name,
-                fix="the file is truncated or corrupt: re-download or rebuild the bundle",
-            )
-        spans.append((begin, end))
-    spans.sort()
-    pos = 0
-    for begin, end in spans:
-        if begin != pos:
-            raise TensorFileError("tensor data overlaps or leaves gaps", file=file)
-        pos = end
-    if pos != data_len:
-        raise TensorFileError(f"data region is {data_len} bytes but the tensors cover {pos}", file=file,
-                              fix="the file is truncated or has trailing bytes: re-download or rebuild the bundle")
-    return header
-
-
-def load_safetensors(
-    path: str | os.PathLike[str],
-    *,
-    device: str | torch.device = "cpu",
-    file: str | os.PathLike[str] | None = None,
-    header: dict | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load every tensor of a safetensors file after :func:`read_safetensors_header` has checked it.
-
-    Returns ``(tensors, metadata)``; metadata is the file's ``__metadata__`` ({} when absent).
-    ``header``: the result of :func:`read_safetensors_header` when the caller already has it, so
-    the header is read and checked once. Raises TensorFileError on any problem with the file.
-    """
-    from safetensors import safe_open
-
-    file = path if file is None else file
-    if header is None:
-        header = read_safetensors_header(path, file=file)
-    try:
-        with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises SafetensorError / OSError with its own message
-        raise TensorFileError(f"cannot read safetensors file: {e}", file=file) from None
-    return tensors, dict(header.get("__metadata__", {}))
-
-
-# --------------------------------------------------------------------------------------------------
 # Shards
 # --------------------------------------------------------------------------------------------------
 def shard_name(index: int, total: int) -> str:
@@ -294,8 +190,6 @@ def encode_shards(
     index past ``max_shard_bytes``; an image larger than the limit gets a shard of its own. Zero
     images give one empty shard.
     """
-    from safetensors.torch import save
-
     q = check_codec(codec, quality)
     _check_images(images, labels)
     limit = DEFAULT_SHARD_BYTES if max_shard_bytes is None else int(max_shard_bytes)
@@ -389,9 +283,9 @@ def read_shard(
     file = path if file is None else file
     if not os.path.exists(path):
         raise ImageStoreError("shard file is missing", file=file, fix="re-download or rebuild the bundle")
-    if os.path.getsize(path) > MAX_SHARD_BYTES + MAX_HEADER_BYTES:
-        raise ImageStoreError(f"shard is over the {MAX_SHARD_BYTES}-byte limit", file=file)
-    header = read_safetensors_header(path, file=file)
+    # The default dtype allow-list, not just U8/I64: a shard with, say, int32 offsets then gets the
+    # precise per-tensor message below.
+    header = read_safetensors_header(path, file=file, max_bytes=MAX_SHARD_BYTES + MAX_HEADER_BYTES)
 
     def bad(field: str, msg: str) -> ImageStoreError:
         return ImageStoreError(msg, file=file, field=field, fix="the shard is corrupt: re-download or rebuild the bundle")

@@ -24,7 +24,11 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "CARD_NAME",
+    "PROJECTOR_FILE",
+    "FOUNDATION_FILE",
     "MAX_MANIFEST_BYTES",
+    "MAX_HEADER_BYTES",
     "MAX_IMAGE_SIDE",
     "MAX_IMAGE_COUNT",
     "MAX_SHARD_BYTES",
@@ -36,6 +40,7 @@ __all__ = [
     "Head",
     "LowRankTarget",
     "HeadDelta",
+    "DELTA_ENCODINGS",
     "ProjectorInfo",
     "Shard",
     "ImagesInfo",
@@ -43,16 +48,24 @@ __all__ = [
     "Provenance",
     "ProbeView",
     "Probe",
+    "Evaluation",
     "Manifest",
 ]
 
 FORMAT_NAME = "hellofmt"
-FORMAT_VERSION = "1.0"
-FORMAT_MAJOR = 1
+# The newest version this hellofmt reads and writes; a bundle declares the lowest it needs (spec 8).
+FORMAT_VERSION = "2.0"
+FORMAT_MAJOR = 2
 MANIFEST_NAME = "hellofmt.json"
+CARD_NAME = "README.md"  # the dataset card: written by push, neither listed in the manifest nor hashed
+PROJECTOR_FILE = "projector.safetensors"  # the low-rank deltas (the manifest's projector.file default)
+FOUNDATION_FILE = "foundation.safetensors"  # embedded foundation weights
 
 # Limits (spec section "Limits"). They bound what a reader allocates before any hash is checked.
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# A safetensors header (JSON) is refused over this before a byte of it is read; safetensors' own
+# reader has the same cap.
+MAX_HEADER_BYTES = 100 * 1000 * 1000
 MAX_IMAGE_SIDE = 4096
 MAX_IMAGE_COUNT = 10_000_000
 MAX_SHARD_BYTES = 4 * 1024**3
@@ -405,15 +418,70 @@ class HeadDelta:
         return cls(rank=r.int("rank", lo=1, hi=4096), alpha=r.float("alpha", positive=True), extra=r.extra(_names(cls)))
 
 
+# Delta encodings (spec 5.1): the values of ``projector.dtype``. Each maps to the element dtype of
+# the lora tensors in the projector file; a quantised encoding also stores one float32 scale per row
+# of each tensor, as ``<tensor>.scale``. A reader MUST refuse an encoding it does not know.
+DELTA_ENCODINGS = ("float32", "float16", "bfloat16", "int8")
+QUANTIZED_ENCODINGS = ("int8",)
+SCALE_SUFFIX = ".scale"
+SCALE_DTYPE = "float32"
+# The lowest format version whose readers know each encoding (spec 8): int8 is new in 2.0, so a
+# bundle with float deltas stays readable by every 1.x reader and an int8 one is refused by them
+# with FormatVersionError ("upgrade") rather than misread.
+ENCODING_FORMAT_VERSION = {"float32": "1.0", "float16": "1.0", "bfloat16": "1.0", "int8": "2.0"}
+
+
 @dataclass
 class ProjectorInfo:
-    """Where the low-rank deltas live and what they adapt."""
+    """Where the low-rank deltas live, what they adapt, and how they are encoded.
+
+    ``dtype`` is the delta encoding (:data:`DELTA_ENCODINGS`): ``float32``, ``float16`` and
+    ``bfloat16`` store the tensors in that dtype; ``int8`` stores them as symmetric int8 with one
+    float32 scale per row beside each (``<name>.lora_A.scale``), dequantised to float32 at load.
+    """
 
     targets: list[LowRankTarget]
-    file: str = "projector.safetensors"
+    file: str = PROJECTOR_FILE
     dtype: str = "float32"
     head: HeadDelta | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def quantized(self) -> bool:
+        """True for an encoding stored with per-row scales (``int8``)."""
+        return self.dtype in QUANTIZED_ENCODINGS
+
+    @property
+    def format_version(self) -> str:
+        """The lowest ``format_version`` a bundle with these deltas may declare (spec 8)."""
+        return ENCODING_FORMAT_VERSION[self.dtype]
+
+    def tensor_layout(self, num_classes: int) -> dict[str, tuple[list[int | None], str]]:
+        """Every tensor the projector file must hold: name -> (shape, element dtype name).
+
+        Args:
+            num_classes: the manifest's class count (the head delta's ``lora_B`` rows).
+
+        Returns:
+            ``<name>.lora_A`` ``[rank, in]`` and ``<name>.lora_B`` ``[out, rank]`` for each target,
+            ``head.lora_A`` ``[rank, None]`` (None: the foundation's embedding width, which the
+            manifest does not record) and ``head.lora_B`` ``[num_classes, rank]``, each in the
+            encoding's dtype; for a quantised encoding also each one's ``.scale`` ``[rows]`` in
+            float32. Dtype names are torch's without the prefix (``"int8"``, ``"float32"``).
+        """
+        element = "int8" if self.quantized else self.dtype
+        mats: list[tuple[str, int, int | None, int]] = []
+        for t in self.targets:
+            mats.append((t.name, t.shape[0], math.prod(t.shape[1:]), t.rank))
+        if self.head is not None:
+            mats.append(("head", num_classes, None, self.head.rank))
+        out: dict[str, tuple[list[int | None], str]] = {}
+        for name, rows, cols, rank in mats:
+            for key, shape in ((f"{name}.lora_A", [rank, cols]), (f"{name}.lora_B", [rows, rank])):
+                out[key] = (shape, element)
+                if self.quantized:
+                    out[key + SCALE_SUFFIX] = ([shape[0]], SCALE_DTYPE)
+        return out
 
     @classmethod
     def parse(cls, r: _Reader) -> "ProjectorInfo":
@@ -426,9 +494,16 @@ class ProjectorInfo:
         file = r.str("file")
         check_file_name(file, r.file, r._p("file"))
         head = r.sub("head", required=False)
+        dtype = r.str("dtype")
+        if dtype not in DELTA_ENCODINGS:
+            raise r.error(
+                "dtype",
+                f"unknown delta encoding {dtype!r} (this hellofmt knows {', '.join(DELTA_ENCODINGS)})",
+                "the bundle was written by a newer hellofmt: upgrade with pip install -U hellofmt",
+            )
         return cls(
             file=file,
-            dtype=r.str("dtype", choices=("float32", "float16", "bfloat16")),
+            dtype=dtype,
             targets=targets,
             head=HeadDelta.parse(head) if head else None,
             extra=r.extra(_names(cls)),
@@ -583,6 +658,50 @@ class Probe:
 
 
 @dataclass
+class Evaluation:
+    """One student evaluation of the bundle, appended by ``hellofmt eval --record``.
+
+    ``arms`` maps each arm (``bundle``, ``hard``, ``teacher``, ``random``) to its held-out top-1
+    accuracies, one per seed, as fractions in [0, 1], in the order of ``seeds``.
+    """
+
+    protocol: str
+    student: str
+    arms: dict[str, list[float]]
+    seeds: list[int]
+    hellofmt_version: str
+    date: str  # ISO 8601, UTC
+    hyperparameters: dict = field(default_factory=dict)
+    val_count: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, r: _Reader) -> "Evaluation":
+        arms_r = r.sub("arms")
+        arms = {}
+        for name in arms_r.obj:
+            accs = arms_r.float_list(name)
+            if not accs or any(not 0.0 <= a <= 1.0 for a in accs):
+                raise arms_r.error(name, "expected a non-empty list of accuracies in [0, 1]")
+            arms[name] = accs
+        ev = cls(
+            protocol=r.str("protocol"),
+            student=r.str("student"),
+            arms=arms,
+            seeds=r.int_list("seeds", lo=0),
+            hellofmt_version=r.str("hellofmt_version"),
+            date=r.str("date"),
+            hyperparameters=r.dict("hyperparameters", required=False) or {},
+            val_count=r.int("val_count", required=False, lo=0),
+            extra=r.extra(_names(cls)),
+        )
+        for name, accs in ev.arms.items():
+            if len(accs) != len(ev.seeds):
+                raise arms_r.error(name, f"has {len(accs)} accuracies for {len(ev.seeds)} seeds")
+        return ev
+
+
+@dataclass
 class Manifest:
     """The whole manifest. ``files`` maps every file of the bundle except the manifest itself (and
     an optional ``README.md`` dataset card) to its size and sha256."""
@@ -597,6 +716,7 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     probe: Probe | None = None
+    evaluations: list[Evaluation] = field(default_factory=list)
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
@@ -609,6 +729,8 @@ class Manifest:
     def to_dict(self) -> dict:
         d = _to_dict(self)
         d["files"] = {k: _to_dict(v) for k, v in sorted(self.files.items())}
+        if not self.evaluations:  # optional: a bundle nobody evaluated keeps the field absent
+            d.pop("evaluations", None)
         return d
 
     def to_json(self) -> str:
@@ -681,6 +803,10 @@ class Manifest:
             files=files,
             metrics=metrics,
             probe=Probe.parse(probe) if probe else None,
+            evaluations=[
+                Evaluation.parse(_Reader(e, f"evaluations[{i}]", file))
+                for i, e in enumerate(r.list("evaluations", required=False) or [])
+            ],
             extra=r.extra(_names(cls)),
         )
         man._check_cross_fields(file)
@@ -696,6 +822,14 @@ class Manifest:
                 f"has {len(self.images.per_class)} entries for {self.num_classes} classes",
                 file=file,
                 field="images.per_class",
+            )
+        need = self.projector.format_version
+        if _version_key(self.format_version) < _version_key(need):
+            raise ManifestError(
+                f"{self.projector.dtype} deltas need format_version {need} or later, the manifest says "
+                f"{self.format_version}",
+                file=file, field="projector.dtype",
+                fix="a reader of the declared version would not know the encoding: rewrite it with hellofmt compress",
             )
         listed = set(self.files)
         needed = [self.projector.file, *(s.file for s in self.images.shards)]
@@ -721,6 +855,12 @@ class Manifest:
                         file=file,
                         field=f"probe.views[{i}].topk_indices",
                     )
+
+
+def _version_key(version: str) -> tuple[int, int]:
+    """``"MAJOR.MINOR"`` as a tuple of integers, for ordering versions (checked by the caller)."""
+    major, _, minor = version.partition(".")
+    return int(major), int(minor)
 
 
 def _reject_constant(name: str):

@@ -22,8 +22,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .augment import crop_resize
 from .errors import ProbeMismatchError
-from .manifest import Probe, ProbeView
+from .manifest import MANIFEST_NAME, Probe, ProbeView
+from .projector import Projector
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle
@@ -104,8 +106,6 @@ def probe_inputs(
     images: torch.Tensor, views: Sequence[tuple[int, Sequence[float], bool]], size: int
 ) -> torch.Tensor:
     """The probe views as float images ``[V, 3, size, size]`` in [0, 1] (one batched resampling)."""
-    from .augment import crop_resize
-
     idx = torch.tensor([v[0] for v in views], dtype=torch.long, device=images.device)
     boxes = torch.tensor([list(v[1]) for v in views], dtype=torch.float32, device=images.device)
     flips = torch.tensor([bool(v[2]) for v in views], dtype=torch.bool, device=images.device)
@@ -252,10 +252,8 @@ def check_bundle_probe(
     ``[]`` means the projector reproduces the recorded logits (or the bundle has no probe). A probe
     mismatch comes back as its :class:`ProbeMismatchError` message; an error that stops the
     projector from loading at all (missing foundation, fingerprint mismatch) is raised. This is
-    what ``hellofmt verify`` runs after the file checks (see :func:`hellofmt.bundle.verify_bundle`).
+    what ``hellofmt verify`` runs after the file checks (see :func:`hellofmt.verify.verify_bundle`).
     """
-    from .projector import Projector
-
     probe = bundle.manifest.probe
     if probe is None or not probe.views:
         return []
@@ -267,7 +265,7 @@ def check_bundle_probe(
             projector,
             images,
             probe,
-            file=str(bundle.path / "hellofmt.json"),
+            file=str(bundle.path / MANIFEST_NAME),
             classes=bundle.manifest.classes,
         )
     except ProbeMismatchError as e:

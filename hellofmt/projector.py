@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import lowrank
 from .errors import InputError, ProjectorError
 from .foundation import LoadedFoundation, load_foundation
-from .manifest import HeadDelta, LowRankTarget, ProjectorInfo
+from .manifest import PROJECTOR_FILE, HeadDelta, LowRankTarget, ProjectorInfo
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -338,7 +338,7 @@ class Projector(nn.Module):
         dtype float32)."""
         return ProjectorInfo(
             targets=[LowRankTarget(name=t.name, rank=t.rank, alpha=t.alpha, shape=list(t.shape)) for t in self._targets],
-            file="projector.safetensors",
+            file=PROJECTOR_FILE,
             dtype="float32",
             head=HeadDelta(rank=self._head_info.rank, alpha=self._head_info.alpha) if self._head_info else None,
         )

@@ -2,8 +2,11 @@
 
 The Hugging Face and torch caches are pointed at a throw-away folder *before* anything imports
 huggingface_hub (which reads its settings from the environment once, at import), so no test ever
-reads or writes ``~/.cache``. The tiny open_clip configs in ``tests/data/`` are registered with
-open_clip's model registry, so tests build real open_clip models in milliseconds.
+reads or writes ``~/.cache``. For the same reason a per-test environment variable cannot switch
+huggingface_hub's settings: a test that needs offline mode patches ``huggingface_hub.constants``
+with ``monkeypatch`` (undone after the test), or sets the variable for a child process. The tiny
+open_clip configs in ``tests/data/`` are registered with open_clip's model registry, so tests build
+real open_clip models in milliseconds. Test bundles come from ``tests/bundles.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ for _var, _sub in {
 }.items():
     os.environ[_var] = str(_CACHE_ROOT / _sub)
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.pop("HF_TOKEN", None) if not os.environ.get("HELLOFMT_LIVE_HUB") else None
+if not os.environ.get("HELLOFMT_LIVE_HUB"):  # a developer's own token never reaches the tests
+    os.environ.pop("HF_TOKEN", None)
 
 import pytest  # noqa: E402
 
@@ -38,12 +42,6 @@ def _register_tiny_configs() -> None:
 
 
 _register_tiny_configs()
-
-
-@pytest.fixture(autouse=True)
-def _no_home_cache(monkeypatch, tmp_path_factory):
-    """Each test sees the throw-away caches; a test that sets HF_HUB_OFFLINE gets it undone."""
-    yield
 
 
 @pytest.fixture(scope="session")

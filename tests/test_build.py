@@ -143,7 +143,7 @@ def test_build_bundle_loads_in_dataset(env):
     res = _build(env)
     ds = DistilledDataset(str(res.path), device="cpu")
     assert len(ds) == 3 and ds.num_classes == 3
-    logits = ds.label(torch.rand(2, 3, 32, 32))
+    logits = ds.logits(torch.rand(2, 3, 32, 32))
     assert logits.shape == (2, 3) and torch.isfinite(logits).all()
 
 

@@ -10,8 +10,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _bundle_factory import make_format_bundle, make_manifest, projector_tensors, smooth_images, DEFAULT_TARGETS
-from hellofmt.bundle import Bundle, BundleWriter, UnlistedFileWarning, sha256_file, verify_bundle
+from bundles import DEFAULT_TARGETS, make_format_bundle, make_manifest, projector_tensors, smooth_images
+from hellofmt.bundle import Bundle, BundleWriter, UnlistedFileWarning, sha256_file
 from hellofmt.errors import (
     BundleExistsError,
     BundleNotFoundError,
@@ -21,6 +21,7 @@ from hellofmt.errors import (
     ManifestError,
 )
 from hellofmt.manifest import MANIFEST_NAME
+from hellofmt.verify import verify_bundle
 
 
 def snapshot(root):
@@ -156,7 +157,7 @@ def test_verify_reports_every_problem(tmp_path):
         data = bytearray(p.read_bytes())
         data[-1] ^= 0xFF
         p.write_bytes(bytes(data))
-    problems = Bundle._load(path).verify()
+    problems = Bundle.open_unchecked(path).verify()
     assert len(problems) == 2 and all("sha256" in line for line in problems)
     with pytest.raises(IntegrityError, match="sha256"):
         Bundle.open(path, verify=True)

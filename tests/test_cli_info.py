@@ -7,10 +7,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from _bundle_factory import make_format_bundle
+from bundles import make_format_bundle
 from hellofmt import __version__
-from hellofmt.bundle import Bundle, summarize
+from hellofmt.bundle import Bundle
 from hellofmt.cli import main
+from hellofmt.summary import summarize
 
 
 @pytest.fixture
@@ -104,9 +105,9 @@ def test_verify_runs_the_probe_on_a_real_bundle(runner, tiny_bundle, tmp_path):
 
 
 def test_ratio_wording_says_larger_when_the_projector_outweighs_the_labels():
-    from hellofmt.bundle import _ratio_text
+    from hellofmt.summary import ratio_text
 
-    assert _ratio_text(40.0) == "40x smaller than stored labels"
-    assert _ratio_text(2.5) == "2.5x smaller than stored labels"
-    assert _ratio_text(0.5).startswith("2.0x larger than stored labels")
-    assert _ratio_text(None) == "n/a"
+    assert ratio_text(40.0) == "40x smaller than stored labels"
+    assert ratio_text(2.5) == "2.5x smaller than stored labels"
+    assert ratio_text(0.5).startswith("2.0x larger than stored labels")
+    assert ratio_text(None) == "n/a"

@@ -187,19 +187,45 @@ def test_mixed_hard_label_is_dominant_image(ds, monkeypatch):
     assert hard.tolist() == [y[0], y[4], y[2], y[2], y[4], y[0]]
 
 
-def test_label_split_invariant(ds):
+def test_logits_split_invariant(ds):
     g = torch.Generator().manual_seed(0)
     x = torch.rand(7, 3, 20, 28, generator=g)
-    whole = ds.label(x)
+    whole = ds.logits(x)
     assert whole.shape == (7, 3) and whole.dtype == torch.float32
     ds.label_batch_size = 3
     try:
-        split = ds.label(x)
+        split = ds.logits(x)
     finally:
         ds.label_batch_size = 256
     assert torch.allclose(whole, split, atol=1e-4)
-    assert torch.allclose(ds.label(x, temperature=2.0), whole / 2, atol=1e-5)
-    assert torch.allclose(ds.soft_label(x, temperature=1.0), torch.softmax(whole, 1), atol=1e-5)
+    assert torch.allclose(ds.soft_labels(x, temperature=2.0), torch.softmax(whole / 2, 1), atol=1e-5)
+    assert torch.allclose(ds.soft_labels(x, temperature=1.0), torch.softmax(whole, 1), atol=1e-5)
+
+
+def test_soft_labels_default_to_the_recipe_temperature(ds, monkeypatch):
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(ds.manifest.labels, "temperature", 3.0)
+    soft = ds.soft_labels(x)
+    assert torch.allclose(soft, torch.softmax(ds.logits(x) / 3.0, 1), atol=1e-5)
+    assert torch.allclose(soft.sum(1), torch.ones(4), atol=1e-5)
+    assert not torch.allclose(soft, ds.soft_labels(x, temperature=1.0), atol=1e-4)
+
+
+def test_deprecated_label_aliases_warn_and_match(ds):
+    """``label``/``soft_label`` stay until 0.3.0: same values as before, and a FutureWarning that users see."""
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    removal = r"label\(\) is deprecated and will be removed in hellofmt 0\.3\.0; use DistilledDataset\.logits"
+    with pytest.warns(FutureWarning, match=removal) as rec:
+        old = ds.label(x)
+    assert rec[0].filename == __file__, "the warning points at the caller's line"
+    assert torch.equal(old, ds.logits(x))
+    with pytest.warns(FutureWarning, match="use DistilledDataset.logits"):
+        assert torch.allclose(ds.label(x, temperature=2.0), ds.logits(x) / 2, atol=1e-6)
+    with pytest.warns(FutureWarning, match=r"soft_label\(\) is deprecated .* use DistilledDataset\.soft_labels"):
+        old_soft = ds.soft_label(x, temperature=2.0)
+    assert torch.equal(old_soft, ds.soft_labels(x, temperature=2.0))
+    with pytest.warns(FutureWarning), pytest.raises(InputError):
+        ds.label(x, temperature=-1)
 
 
 def test_outputs_train_a_student(ds):
@@ -259,9 +285,11 @@ def test_loader_bad_input(ds, kwargs, field):
 )
 def test_label_bad_input(ds, bad):
     with pytest.raises(InputError):
-        ds.label(bad)
+        ds.logits(bad)
     with pytest.raises(InputError):
-        ds.label(torch.rand(1, 3, 8, 8), temperature=-1)
+        ds.soft_labels(bad)
+    with pytest.raises(InputError):
+        ds.soft_labels(torch.rand(1, 3, 8, 8), temperature=-1)
 
 
 def test_open_errors(tmp_path, tiny_bundle):
@@ -286,7 +314,7 @@ def test_plain_dataloader(ds):
     x, y = batches[0]
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.uint8 and y.dtype == torch.int64
     assert torch.equal(torch.cat([b[1] for b in batches]), ds.targets.cpu())
-    logits = ds.label(x.float() / 255)
+    logits = ds.logits(x.float() / 255)
     assert logits.shape == (4, 3)
 
 

@@ -19,10 +19,10 @@ import pytest
 from click.testing import CliRunner
 from huggingface_hub import constants
 
-from _bundle_factory import make_format_bundle
+from bundles import make_format_bundle
 from fakehub import READ_TOKEN, WRITE_TOKEN, FakeHub, point_client_at
 from hellofmt import hub
-from hellofmt.bundle import Bundle, summarize
+from hellofmt.bundle import Bundle
 from hellofmt.cli import main
 from hellofmt.errors import (
     AuthenticationError,
@@ -35,6 +35,7 @@ from hellofmt.errors import (
     RevisionNotFoundError,
 )
 from hellofmt.manifest import MANIFEST_NAME, Manifest
+from hellofmt.summary import summarize
 
 REPO = "user/tiny"
 COMMIT_URL = re.compile(r"^http://127\.0\.0\.1:\d+/datasets/user/tiny/commit/([0-9a-f]{40})$")

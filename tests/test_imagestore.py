@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _bundle_factory import smooth_images
+from bundles import smooth_images
 from hellofmt.errors import ImageDecodeError, ImageStoreError, InputError, TensorFileError
 from hellofmt.imagestore import (
     decode_image,

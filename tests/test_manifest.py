@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _bundle_factory import make_format_bundle, make_manifest
+from bundles import make_format_bundle, make_manifest
 from hellofmt.errors import FormatVersionError, ManifestError
 from hellofmt.manifest import (
     MANIFEST_NAME,
@@ -23,8 +24,20 @@ from hellofmt.manifest import (
     Shard,
 )
 
-SCHEMA = json.loads((Path(__file__).parents[1] / "spec" / "manifest.schema.json").read_text())
+# The copy shipped in the wheel (hellofmt/schema/), read the way an installed package reads it.
+PACKAGED_SCHEMA = importlib.resources.files("hellofmt") / "schema" / "manifest.schema.json"
+SPEC_SCHEMA = Path(__file__).parents[1] / "spec" / "manifest.schema.json"
+SCHEMA = json.loads(PACKAGED_SCHEMA.read_text(encoding="utf-8"))
 VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
+
+
+def test_spec_schema_is_the_packaged_schema():
+    """spec/ keeps a copy for readers of the spec; it must not drift from the one the wheel ships."""
+    assert SPEC_SCHEMA.read_bytes() == PACKAGED_SCHEMA.read_bytes(), (
+        "spec/manifest.schema.json differs from hellofmt/schema/manifest.schema.json (the canonical copy): "
+        "edit the packaged one and copy it to spec/"
+    )
+    jsonschema.Draft202012Validator.check_schema(SCHEMA)
 
 
 def full_manifest(num_classes: int = 3, per_class: int = 2, probe: bool = True) -> Manifest:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from hellofmt.bundle import Bundle, verify_bundle
+from hellofmt.bundle import Bundle
 from hellofmt.dataset import DistilledDataset
 from hellofmt.errors import FingerprintMismatchError, HellofmtError, ProbeMismatchError
 from hellofmt.manifest import MANIFEST_NAME, Manifest
@@ -22,6 +22,7 @@ from hellofmt.probe import (
     probe_logits,
     probe_views,
 )
+from hellofmt.verify import verify_bundle
 
 
 # --------------------------------------------------------------------------------------------------

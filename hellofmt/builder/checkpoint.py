@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ..errors import BuildError
+from ..errors import BuildError, HellofmtError
+from ..manifest import check_file_name
+from ..tensorfile import load_safetensors
 
 __all__ = ["Checkpoint", "CheckpointStore", "flatten_optimizer", "unflatten_optimizer", "atomic_write_text"]
 
@@ -142,11 +144,8 @@ class CheckpointStore:
         if meta is None:
             return None
         path = self.dir / meta["tensors"]
-        from ..errors import HellofmtError
-        from ..imagestore import load_safetensors
-
         try:
-            tensors, _ = load_safetensors(path, file=path)
+            tensors, _ = load_safetensors(path, file=path)  # the checked reader: header, dtypes, byte ranges
         except (HellofmtError, OSError) as e:  # missing or truncated file
             raise BuildError(f"unreadable checkpoint tensors: {getattr(e, 'message', e)}", file=path,
                              fix=_FIX) from None
@@ -182,9 +181,6 @@ def _read_json_file(p: Path, *, stage: bool = False) -> dict | None:
             raise BuildError(f"expected an integer step >= 0, got {step!r}", file=p, field="step", fix=_FIX)
         if not isinstance(done, bool):
             raise BuildError(f"expected true or false, got {done!r}", file=p, field="done", fix=_FIX)
-        from ..errors import HellofmtError
-        from ..manifest import check_file_name
-
         try:
             check_file_name(tensors, file=str(p), field_path="tensors")
         except HellofmtError as e:

@@ -35,8 +35,9 @@ __all__ = ["DistillConfig", "distill_projector", "make_views", "step_generator",
 
 @dataclass
 class DistillConfig:
-    steps: int | None = None  # total optimiser steps; None -> epochs x steps per epoch
+    steps: int | None = None  # total optimiser steps; None -> epochs x steps per epoch, at least min_steps
     epochs: float = 10.0
+    min_steps: int = 0  # floor on the epoch-derived length: small training sets still get enough steps
     batch_size: int = 64  # per process
     lr: float = 1e-3
     weight_decay: float = 0.01
@@ -147,7 +148,7 @@ def distill_projector(
     sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
                                  seed=cfg.seed, drop_last=len(dataset) >= world.size * cfg.batch_size)
     per_epoch = max(1, len(sampler) // cfg.batch_size)
-    total = cfg.steps if cfg.steps is not None else max(1, round(cfg.epochs * per_epoch))
+    total = cfg.steps if cfg.steps is not None else max(1, cfg.min_steps, round(cfg.epochs * per_epoch))
     warmup = round(cfg.warmup * total)
 
     start = 0

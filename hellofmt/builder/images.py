@@ -15,9 +15,10 @@ from torch import nn
 
 from .. import augment
 from ..errors import BuildInputError
+from .config import SELECTIONS
 from .inputs import ImageFolder, TensorData, data_labels, load_all, scan_image_folder
 
-__all__ = ["images_from_folder", "rded_images", "stitch"]
+__all__ = ["SELECTIONS", "images_from_folder", "kmeans", "rded_images", "stitch"]
 
 
 def images_from_folder(directory, classes: list[str], folders: list[str], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +50,69 @@ def stitch(patches: torch.Tensor, factor: int, image_size: int) -> torch.Tensor:
     return grid
 
 
+
+
+def kmeans(x: torch.Tensor, k: int, *, generator: torch.Generator, iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain k-means (k-means++ seeding, Lloyd iterations) on the rows of ``x`` [n, d].
+    Returns (assignment [n], centroids [k, d]); deterministic for a given generator."""
+    n = x.shape[0]
+    k = min(k, n)
+    first = int(torch.randint(n, (1,), generator=generator))
+    cent = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(1, k):
+        w = d2.clamp_min(0).cpu().double()
+        i = int(torch.multinomial(w / w.sum(), 1, generator=generator)) if w.sum() > 0 else \
+            int(torch.randint(n, (1,), generator=generator))
+        cent.append(x[i])
+        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
+    c = torch.stack(cent)
+    assign = torch.zeros(n, dtype=torch.int64, device=x.device)
+    for _ in range(iters):
+        assign = torch.cdist(x, c).argmin(1)
+        new = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=c.shape[0]).unsqueeze(1)
+        keep = counts.squeeze(1) > 0
+        new[keep] = new[keep] / counts[keep]
+        new[~keep] = c[~keep]  # an emptied cluster keeps its centre
+        if torch.allclose(new, c):
+            break
+        c = new
+    return assign, c
+
+
+def _pick(scores: torch.Tensor, feats: torch.Tensor | None, need: int, selection: str, c_correct: torch.Tensor,
+          generator: torch.Generator) -> torch.Tensor:
+    """Indices of the ``need`` candidates kept for one class."""
+    n = scores.numel()
+    if selection == "random":
+        return torch.randperm(n, generator=generator)[:need].to(scores.device)
+    if selection == "confidence" or feats is None:
+        return scores.topk(min(need, n)).indices
+    # kmeans: cover the class. Candidates the teacher does not put in the class are dropped while
+    # enough remain; the rest are clustered into `need` groups in the projector's embedding space and
+    # each group is represented by its candidate nearest to the centre (a medoid, not the easiest).
+    ok = c_correct.nonzero().flatten()
+    if ok.numel() < need:
+        ok = scores.topk(min(n, max(need, 2 * need))).indices
+    f = feats[ok]
+    assign, cent = kmeans(f, need, generator=generator)
+    out = []
+    for j in range(cent.shape[0]):
+        members = (assign == j).nonzero().flatten()
+        if members.numel() == 0:
+            continue
+        d = ((f[members] - cent[j]) ** 2).sum(1)
+        out.append(ok[members[d.argmin()]])
+    picked = torch.stack(out) if out else ok[:0]
+    if picked.numel() < need:  # empty clusters: fill with the most confident of the rest
+        rest = torch.ones(n, dtype=torch.bool, device=scores.device)
+        rest[picked] = False
+        extra = torch.where(rest, scores, torch.full_like(scores, -float("inf"))).topk(need - picked.numel()).indices
+        picked = torch.cat([picked, extra])
+    return picked[:need]
+
+
 @torch.no_grad()
 def rded_images(
     data: ImageFolder | TensorData,
@@ -61,20 +125,33 @@ def rded_images(
     load_size: int | None = None,
     candidates: int = 4,
     scale: tuple[float, float] = (0.25, 1.0),
+    selection: str = "confidence",
+    embed=None,
     batch_size: int = 128,
     device: str | torch.device = "cpu",
     seed: int = 0,
     num_workers: int = 0,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Select and stitch RDED patches: ``ipc`` uint8 images per class at ``image_size``. Each class
-    draws ``ipc x factor^2 x candidates`` random crops from its own training images (cycling over
-    them when there are few), scores them by the teacher's log-probability of the class, and keeps
-    the best. Returns (images, labels, stats with the mean teacher confidence of the kept patches)."""
+    """Select and stitch patches: ``ipc`` uint8 images per class at ``image_size``. Each class draws
+    ``ipc x factor^2 x candidates`` random crops (area fraction in ``scale``) from its own training
+    images (cycling over them when there are few) and keeps ``ipc x factor^2`` of them:
+
+    - ``"confidence"`` (RDED): the crops with the highest teacher log-probability of the class;
+    - ``"kmeans"``: crops the teacher puts in the class, clustered in the embedding space of ``embed``
+      (a callable: float views -> features, e.g. the distilled projector's image encoder), one crop
+      nearest each cluster centre: coverage of the class rather than its easiest examples;
+    - ``"random"``: crops drawn at random (the control; no teacher involved in the choice).
+
+    Returns (images, labels, stats: mean teacher confidence of the kept patches, fraction of them the
+    teacher classifies correctly)."""
     from tqdm.auto import tqdm
 
     if ipc < 1 or factor < 1:
         raise BuildInputError("--ipc and --factor must be >= 1", field="--ipc")
+    if selection not in SELECTIONS:
+        raise BuildInputError(f"unknown selection {selection!r}", field="--selection",
+                              fix=f"use one of {', '.join(SELECTIONS)}")
     load_size = load_size or image_size
     dev = torch.device(device)
     labels_all = data_labels(data)
@@ -85,10 +162,10 @@ def rded_images(
     patch = max(1, image_size // factor)
     g = torch.Generator().manual_seed(seed)
     gd = torch.Generator(device=dev).manual_seed(seed + 1)
-    out, out_labels, conf = [], [], []
+    out, out_labels, conf, correct = [], [], [], []
     num_classes = data.num_classes
     teacher.eval()
-    for c in tqdm(range(num_classes), desc="select patches", disable=not progress, dynamic_ncols=True):
+    for c in tqdm(range(num_classes), desc=f"select patches ({selection})", disable=not progress, dynamic_ncols=True):
         pool = train[labels_all[train] == c]
         if pool.numel() == 0:
             raise BuildInputError(f"class {c} has no training images left after the held-out split",
@@ -98,26 +175,32 @@ def rded_images(
         per_img = -(-n_cand // src.numel())
         imgs, _ = load_all(data, src.tolist(), load_size, num_workers=num_workers)
         imgs = imgs.to(dev)
-        scores, crops = [], []
+        scores, preds, crops, feats = [], [], [], []
         order = torch.arange(src.numel()).repeat(per_img)[:n_cand]
         for s in range(0, n_cand, batch_size):
             idx = order[s:s + batch_size].to(dev)
-            boxes = augment.sample_boxes(idx.numel(), scale=scale, generator=gd, device=dev)
+            boxes = augment.sample_boxes(idx.numel(), scale=tuple(scale), generator=gd, device=dev)
             flips = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
             views = augment.crop_resize(imgs[idx], boxes, flips, image_size)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 logits = teacher(views).float()
             scores.append(logits.log_softmax(1)[:, c])
+            preds.append(logits.argmax(1))
+            if selection == "kmeans" and embed is not None:
+                feats.append(F.normalize(embed(views).float(), dim=-1))
             crops.append(F.interpolate(views, size=(patch, patch), mode="bilinear", antialias=True,
                                        align_corners=False) if patch != image_size else views)
         scores = torch.cat(scores)
+        preds = torch.cat(preds)
         crops = torch.cat(crops)
-        best = scores.topk(min(need, scores.numel())).indices
-        if best.numel() < need:  # fewer candidates than patches: reuse the best ones
+        best = _pick(scores, torch.cat(feats) if feats else None, need, selection, preds == c, g)
+        if best.numel() < need:  # fewer candidates than patches: reuse the ones kept
             best = best.repeat(-(-need // best.numel()))[:need]
         # Deal patches round-robin so every image mixes strong and weaker patches.
         best = best.view(k, ipc).t().reshape(-1)
         conf.append(scores[best].exp().mean().item())
+        correct.append((preds[best] == c).float().mean().item())
         out.append(stitch(crops[best], factor, image_size).clamp(0, 1).mul(255).round().to(torch.uint8).cpu())
         out_labels.append(torch.full((ipc,), c, dtype=torch.int64))
-    return torch.cat(out), torch.cat(out_labels), {"init_teacher_confidence": sum(conf) / len(conf)}
+    return torch.cat(out), torch.cat(out_labels), {"init_teacher_confidence": sum(conf) / len(conf),
+                                                  "init_teacher_top1": sum(correct) / len(correct)}

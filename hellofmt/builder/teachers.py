@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import TeacherError
+from ..errors import HellofmtError, TeacherError
+from ..tensorfile import load_safetensors
 
 __all__ = ["TeacherSpec", "parse_teacher_spec", "load_teacher", "TeacherEnsemble", "check_teacher", "load_teachers"]
 
@@ -116,11 +117,8 @@ def _load_timm(spec: TeacherSpec, num_classes: int) -> nn.Module:
     except Exception as e:  # noqa: BLE001 - timm raises RuntimeError/KeyError for unknown names
         raise TeacherError(f"timm cannot build {spec.name!r}: {e}", field="--teacher",
                            fix="see timm.list_models()") from None
-    from ..errors import HellofmtError
-    from ..imagestore import load_safetensors
-
     try:
-        state, _ = load_safetensors(wpath, file=wpath)  # checks the header before reading tensors
+        state, _ = load_safetensors(wpath, file=wpath)  # the checked reader: header, dtypes, byte ranges
     except (HellofmtError, OSError) as e:
         raise TeacherError(f"cannot read safetensors: {getattr(e, 'message', e)}", file=wpath,
                            field="--teacher-weights") from None

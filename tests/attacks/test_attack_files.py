@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from _bundle_factory import make_format_bundle
 from _hostile import edit_manifest, replace_file, snapshot
+from bundles import make_format_bundle
 from hellofmt.bundle import Bundle, UnlistedFileWarning
 from hellofmt.errors import IntegrityError, MissingFileError, TensorFileError, UnsafePathError
 
@@ -118,7 +118,7 @@ def test_symlink_leading_out_of_the_bundle(bundle, tmp_path):
     os.symlink(outside, bundle / "projector.safetensors")
     err = unchanged(bundle, lambda: Bundle.open(bundle), UnsafePathError, "leads out of the bundle")
     assert err.field == "files.projector.safetensors"
-    assert any("leads out" in line for line in Bundle._load(bundle).verify())
+    assert any("leads out" in line for line in Bundle.open_unchecked(bundle).verify())
 
 
 def test_manifest_symlink_leading_out(bundle, tmp_path):
@@ -140,7 +140,7 @@ def test_safetensors_header_with_hostile_nesting(tmp_path):
     import struct
 
     from hellofmt.errors import TensorFileError
-    from hellofmt.imagestore import read_safetensors_header
+    from hellofmt.tensorfile import read_safetensors_header
 
     header = b"[" * 200_000
     path = tmp_path / "nested.safetensors"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from _bundle_factory import make_format_bundle
 from _hostile import edit_manifest, snapshot
+from bundles import make_format_bundle
 from hellofmt.bundle import Bundle
 from hellofmt.errors import BundleNotFoundError, FormatVersionError, ManifestError
 from hellofmt.manifest import MANIFEST_NAME

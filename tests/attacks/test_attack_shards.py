@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _bundle_factory import make_format_bundle, smooth_images
 from _hostile import edit_manifest, replace_file, shard_bytes, snapshot
+from bundles import make_format_bundle, smooth_images
 from hellofmt.bundle import Bundle
 from hellofmt.errors import ImageDecodeError, ImageStoreError, TensorFileError
 from hellofmt.imagestore import encode_image
