@@ -52,7 +52,8 @@ def _autocast(device: torch.device):
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--arch", default="hf-test-tiny-vit", help="open_clip architecture, random weights (default: the tiny test ViT)")
+    p.add_argument("--arch", default="hf-test-tiny-vit",
+                   help="open_clip architecture, random weights (default: the tiny test ViT)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--iters", type=int, default=5, help="batches per timing")
@@ -76,10 +77,10 @@ def main(argv: list[str] | None = None) -> None:
     import open_clip
 
     open_clip.add_model_config(ROOT / "tests" / "data")
-    from bundles import make_tiny_bundle
-
     from hellofmt.dataset import DistilledDataset
     from hellofmt.projector import Projector
+
+    from bundles import make_tiny_bundle
 
     device = torch.device(args.device)
     bs = args.batch_size
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def loader():
         n = 0
-        for images, soft, hard in itertools.islice(loader_it, args.iters):
+        for images, _soft, _hard in itertools.islice(loader_it, args.iters):
             n += images.shape[0]
         return n
 

@@ -82,7 +82,7 @@ def write_image_folder(ds: DistilledDataset, root: Path) -> tuple[Path, int]:
     counts = torch.bincount(ds.targets.cpu(), minlength=ds.num_classes).tolist()
     empty = [ds.classes[c] for c, n in enumerate(counts) if n == 0]
     if empty:
-        raise SystemExit(f"error: classes without images in the bundle: {empty[:5]}; DD-Ranking's ImageFolder needs all")
+        raise SystemExit(f"error: classes without images in the bundle: {empty[:5]}; DD-Ranking needs every class")
     if root.exists():
         shutil.rmtree(root)
     seen = [0] * ds.num_classes
@@ -160,11 +160,13 @@ def build_evaluator(args: argparse.Namespace, ds: DistilledDataset, ipc: int, ou
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("bundle", help="a bundle directory or a Hub id (user/name)")
     p.add_argument("--dataset", required=True, choices=DATASETS, help="DD-Ranking's name of the real dataset")
     p.add_argument("--real-data-path", required=True, type=Path, help="where DD-Ranking finds the real dataset")
-    p.add_argument("--model", default="ResNet-18-BN", help="the student, by DD-Ranking's name (ConvNet-3, ResNet-18-BN, ...)")
+    p.add_argument("--model", default="ResNet-18-BN", help="the student, by DD-Ranking's name (ConvNet-3, ...)")
     p.add_argument("--out", type=Path, default=Path("ddranking-out"), help="working folder: images/, random/, scores")
     p.add_argument("--im-size", type=int, default=None, help="student input size (default: the dataset's)")
     p.add_argument("--epochs", type=int, default=300, help="epochs per student (>= 20: DD-Ranking validates every 20)")
@@ -176,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--temperature", type=float, default=None, help="KL temperature (default: the bundle's recipe)")
-    p.add_argument("--aug", choices=("cutmix", "mixup", "none"), default="cutmix", help="DD-Ranking's batch augmentation")
+    p.add_argument("--aug", choices=("cutmix", "mixup", "none"), default="cutmix", help="batch augmentation")
     p.add_argument("--mix-beta", type=float, default=1.0, help="Beta parameter of cutmix/mixup")
     p.add_argument("--min-scale", type=float, default=0.08, help="RandomResizedCrop's smallest area fraction")
     p.add_argument("--eval-full-data", action="store_true", help="train on the real data for HLR (else its cache)")

@@ -1,26 +1,25 @@
-"""hellofmt quickstart: build a distilled dataset and judge its labels by the students they train.
+"""hellofmt quickstart: build a distilled dataset, then judge it by the students it trains.
 
 Runs on a CPU in a few minutes, offline, with nothing downloaded:
 
-1. makes a small procedural image-folder dataset (8 classes: 4 shapes x 2 stripe directions, random
-   colours, sizes, positions and noise, 32 px) in a temporary folder;
+1. makes a small procedural image-folder dataset (8 classes: 2 shapes x 4 textures, random colours,
+   sizes, positions and noise, 32 px) in a temporary folder;
 2. trains a small CNN teacher on it;
-3. builds a bundle with ``hellofmt.build_bundle``: a tiny open_clip ViT (random weights; the low-rank deltas
-   and the head delta must do all the imitating), RDED-style image selection, refinement;
-4. trains the same student three ways on the same distilled images, views and steps: labels from the
-   bundle's projector (``DistilledDataset.loader``), the teacher labelling online (the upper bound),
-   and hard labels only; and prints their held-out accuracies, the projector-teacher agreement, the
-   bundle's bytes against stored soft labels, and the time of every stage.
+3. builds a bundle with ``hellofmt.build_bundle`` and the default options (the same as
+   ``hellofmt build``): a tiny open_clip ViT (random weights: the low-rank deltas and the head delta
+   do all the imitating), image selection, projector distillation, fidelity, probe;
+4. evaluates it with ``hellofmt.evaluate`` (``hellofmt eval --protocol quick``): the same student
+   trained on the same views and steps with the bundle's labels, hard labels, the teacher online
+   (the upper bound) and a random real subset labelled by the same projector (the control), and
+   prints the table: bundle/teacher, bundle - hard and IOR (bundle - random).
 
     python examples/quickstart.py [--seeds 2] [--ipc 10] [--keep DIR]
 
-The equivalent command line for step 3 (with the teacher saved as a FILE.py:FACTORY) is::
+The same from the command line (with the teacher saved as a ``FILE.py:FACTORY``)::
 
-    hellofmt build --train-data DIR/train --teacher teacher.py:make --foundation tests/data/hf-test-tiny-vit.json \\
-        --ipc 10 --factor 1 --out DIR/bundle --rank 16 --head-rank 8 --epochs 40 --lr 1e-2 --loss kl \\
-        --distill-mix none --refine-steps 50 \\
-        --targets 'visual\\.conv1\\.weight' --targets 'visual\\.proj' \\
-        --targets 'visual\\.transformer\\.resblocks\\.\\d+\\.(attn\\.in_proj_weight|attn\\.out_proj\\.weight|mlp\\.c_fc\\.weight|mlp\\.c_proj\\.weight)'
+    hellofmt build --train-data DIR/train --teacher teacher.py:make \\
+        --foundation tests/data/hf-test-tiny-vit.json --ipc 10 --out DIR/bundle
+    hellofmt eval DIR/bundle --val DIR/test --teacher teacher.py:make --train-data DIR/train
 """
 
 from __future__ import annotations
@@ -43,13 +42,6 @@ TINY_FOUNDATION = str(ROOT / "tests" / "data" / "hf-test-tiny-vit.json")
 SHAPES = ("disk", "bar")
 TEXTURES = ("horizontal", "vertical", "diagonal", "checker")
 SIZE = 32
-# The tiny foundation has random weights, so the deltas must do all the work: adapt the patch
-# embedding, every attention and MLP matrix, and the projection into the embedding space.
-TARGETS = [
-    r"visual\.conv1\.weight",
-    r"visual\.proj",
-    r"visual\.transformer\.resblocks\.\d+\.(attn\.in_proj_weight|attn\.out_proj\.weight|mlp\.c_fc\.weight|mlp\.c_proj\.weight)",
-]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,55 +153,17 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return correct / len(x)
 
 
-# --------------------------------------------------------------------------------------------------
-# 4. students: same images, same views, same steps; only the labels differ
-# --------------------------------------------------------------------------------------------------
-def train_student(ds, labels: str, teacher: nn.Module, *, epochs: int, seed: int, temperature: float) -> nn.Module:
-    torch.manual_seed(seed)
-    student = cnn(16, ds.num_classes)
-    batch = 32
-    loader = ds.loader(batch_size=batch, image_size=SIZE, seed=seed, temperature=temperature)
-    steps = epochs * len(loader)
-    opt = torch.optim.AdamW(student.parameters(), lr=2e-3, weight_decay=5e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps)
-    student.train()
-    for _ in range(epochs):
-        for images, soft, hard in loader:
-            out = student(images)
-            if labels == "hard":
-                loss = F.cross_entropy(out, hard)
-            else:
-                if labels == "teacher":
-                    with torch.no_grad():
-                        soft = F.softmax(teacher(images) / temperature, 1)
-                loss = F.kl_div(F.log_softmax(out / temperature, 1), soft, reduction="batchmean") * temperature**2
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return student.eval()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--per-class", type=int, default=150, help="original training images per class")
     ap.add_argument("--ipc", type=int, default=10, help="distilled images per class")
-    ap.add_argument("--seeds", type=int, default=2, help="student seeds per label source")
-    ap.add_argument("--student-epochs", type=int, default=100)
+    ap.add_argument("--seeds", type=int, default=2, help="students per arm")
     ap.add_argument("--teacher-epochs", type=int, default=20)
-    ap.add_argument("--distill-epochs", type=float, default=40)
-    ap.add_argument("--refine-steps", type=int, default=50)
-    ap.add_argument("--rank", type=int, default=16, help="rank of the encoder deltas")
-    ap.add_argument("--lr", type=float, default=1e-2, help="distillation learning rate")
-    ap.add_argument("--loss", default="kl", choices=["mse", "kl"], help="distillation loss")
     ap.add_argument("--keep", type=Path, help="keep the data, teacher and bundle in this folder (reused next time)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
-    from hellofmt import build_bundle
-    from hellofmt.bundle import Bundle
-    from hellofmt.summary import summarize
-    from hellofmt.dataset import DistilledDataset
+    import hellofmt
 
     times: dict[str, float] = {}
     work = args.keep or Path(tempfile.mkdtemp(prefix="hellofmt-quickstart-"))
@@ -218,10 +172,10 @@ def main() -> None:
     t = time.perf_counter()
     train_dir, test_dir = work / "train", work / "test"
     if not train_dir.is_dir():  # with --keep, a second run reuses the data and the teacher
+        print(f"making a procedural dataset in {work} ...", flush=True)
         make_dataset(train_dir, args.per_class, seed=0)
         make_dataset(test_dir, 50, seed=1)
     test_x, test_y = load_folder(test_dir)
-    train_x, train_y = load_folder(train_dir)
     times["make data"] = time.perf_counter() - t
 
     from safetensors.torch import load_file, save_file
@@ -233,48 +187,25 @@ def main() -> None:
         teacher.load_state_dict(load_file(str(teacher_file)))
         teacher.eval()
     else:
+        print(f"training the teacher ({args.teacher_epochs} epochs) ...", flush=True)
+        train_x, train_y = load_folder(train_dir)
         teacher = train_teacher(train_x, train_y, args.teacher_epochs, seed=0)
         save_file(teacher.state_dict(), str(teacher_file))
     times["train teacher"] = time.perf_counter() - t
-    print(f"teacher: {accuracy(teacher, test_x, test_y):.1%} held-out accuracy")
+    print(f"teacher: {accuracy(teacher, test_x, test_y):.1%} on {len(test_y)} clean held-out images", flush=True)
 
     t = time.perf_counter()
-    res = build_bundle(
-        str(train_dir), teacher, TINY_FOUNDATION, work / "bundle",
-        ipc=args.ipc, factor=1, rank=args.rank, head_rank=8, targets=TARGETS,
-        epochs=args.distill_epochs, batch_size=64, lr=args.lr, loss=args.loss, ce_weight=0.1, distill_mix="none",
-        refine_steps=args.refine_steps, holdout=0.05, device="cpu", overwrite=True, seed=0,
-    )
+    res = hellofmt.build_bundle(str(train_dir), teacher, TINY_FOUNDATION, work / "bundle", ipc=args.ipc,
+                                device="cpu", overwrite=True)
     times["build bundle"] = time.perf_counter() - t
     print(res["summary"])
 
-    ds = DistilledDataset(str(res.path), device="cpu")
-    temperature = ds.temperature
-    accs: dict[str, list[float]] = {"bundle": [], "teacher": [], "hard": []}
     t = time.perf_counter()
-    for seed in range(args.seeds):
-        for kind in accs:
-            student = train_student(ds, kind, teacher, epochs=args.student_epochs, seed=seed, temperature=temperature)
-            accs[kind].append(accuracy(student, test_x, test_y))
-    times["train students"] = time.perf_counter() - t
-
-    s = summarize(Bundle.open(res.path))
-    m = s["metrics"]
-    stored = s["label_payload"]["stored_label_bytes"]
+    result = hellofmt.evaluate(res.path, test_dir, teacher=teacher, train_data=train_dir, seeds=args.seeds,
+                               protocol="quick", device="cpu")
+    times["evaluate"] = time.perf_counter() - t
     print()
-    print(f"student held-out accuracy ({args.seeds} seed(s), {len(ds)} distilled images, "
-          f"{args.student_epochs} epochs, same views and steps):")
-    for kind, label in (("bundle", "bundle labels (projector)"), ("teacher", "teacher online (upper bound)"),
-                        ("hard", "hard labels only")):
-        v = accs[kind]
-        print(f"  {label:<30} {np.mean(v):6.1%}  (+/- {np.std(v):.1%}; {', '.join(f'{a:.1%}' for a in v)})")
-    print(f"projector-teacher top-1 agreement: {m['fidelity.heldout.top1_agreement']:.1%} on held-out originals, "
-          f"{m['fidelity.synthetic.top1_agreement']:.1%} on views of the distilled images")
-    print(f"bundle: {s['total_bytes']:,} bytes in all ({s['files'][s['projector']['file']]:,} B projector); "
-          f"stored soft labels would take {stored:,} bytes ({s['label_payload']['stored_label_rule']}), "
-          f"{len(ds) * args.student_epochs * ds.num_classes * 2:,} bytes for the {args.student_epochs} epochs run here")
-    print("  (foundation.safetensors is embedded only because this tiny foundation has random weights; a bundle on "
-          "a public CLIP such as ViT-B-32:openai references it by name and hash instead)")
+    print(result.format_table())
     print("time per stage: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
     print("  build stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["timings"].items()))
     print(f"files in {work}")

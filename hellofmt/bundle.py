@@ -4,28 +4,46 @@ A bundle is a flat directory: ``hellofmt.json`` (the manifest), image shards, ``
 optionally ``foundation.safetensors`` and a ``README.md`` dataset card. The manifest records the size
 and sha256 of every other file; opening checks sizes (cheap), ``verify`` checks hashes (reads all).
 
-Writing goes through a temporary directory beside the target, on the same filesystem, so the final
-``rename`` is atomic: a reader sees the old bundle or the new one, never half of one.
+Writing goes through a temporary directory beside the target, on the same filesystem, under a lock
+on the target; the directory is then renamed in, or atomically exchanged with the bundle it
+replaces, so the target always holds the old complete bundle or the new one, whenever a writer
+stops. A reader opens the directory once and reads every file through that handle, so it gets the
+version it opened (or a BundleChangedError once that one is deleted), never a mix of two. The
+protocol, and what a crash leaves and who cleans it, is spec section 10.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import hashlib
 import math
 import os
+import re
+import secrets
 import shutil
 import stat
-import tempfile
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: the lock falls back to an exclusive create
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 from safetensors.torch import save
 
 from .errors import (
+    BundleChangedError,
     BundleError,
     BundleExistsError,
+    BundleLockedError,
     BundleNotFoundError,
     HellofmtError,
     ImageStoreError,
@@ -40,6 +58,7 @@ from .imagestore import check_codec, encode_shards, read_shard
 from .manifest import (
     CARD_NAME,
     MANIFEST_NAME,
+    MAX_FILE_NAME_BYTES,
     MAX_MANIFEST_BYTES,
     FileEntry,
     ImagesInfo,
@@ -53,6 +72,8 @@ __all__ = [
     "UnlistedFileWarning",
     "Bundle",
     "BundleWriter",
+    "DEBRIS_MARKER",
+    "recover",
     "sha256_file",
 ]
 
@@ -85,16 +106,44 @@ class Bundle:
         manifest: the validated manifest.
     """
 
-    def __init__(self, path: Path, manifest: Manifest) -> None:
-        self.path = path
+    def __init__(self, path: Path, manifest: Manifest, *, dir_fd: int | None = None) -> None:
+        self.path = Path(path)
         self.manifest = manifest
+        # The version this Bundle reads: an open descriptor of the directory, and where the
+        # platform allows, a path through it (/proc/self/fd/N on Linux), so that every file is read
+        # from the directory the manifest came from even if the path is replaced meanwhile.
+        self._fd = dir_fd
+        self._root = _pinned_root(dir_fd) or self.path
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def close(self) -> None:
+        """Let go of the directory this Bundle pinned; later reads go by path. Safe to call twice."""
+        fd, self._fd, self._root = self._fd, None, self.path
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # a finaliser never raises (interpreter shutdown)
+            self.close()
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        # A descriptor means nothing in another process: an unpickled Bundle reads by path.
+        state = dict(self.__dict__)
+        state.update(_fd=None, _root=self.path)
+        return state
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, {self.manifest.images.count} images, {self.manifest.num_classes} classes)"
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, verify: bool = False) -> "Bundle":
+    def open(cls, path: str | os.PathLike[str], *, verify: bool = False) -> Bundle:
         """Open the bundle at ``path``: validate the manifest, check every listed file.
 
         Every file the manifest lists must exist, be a regular file inside the bundle (a symlink
@@ -103,87 +152,181 @@ class Bundle:
         the sha256 of every file is checked too (IntegrityError naming the first bad file).
         """
         bundle = cls.open_unchecked(path)
-        for name, entry in bundle.manifest.files.items():
-            bundle._check_size(name, entry)
-        bundle._warn_unlisted()
-        if verify:
+        try:
             for name, entry in bundle.manifest.files.items():
-                bundle._check_hash(name, entry)
+                bundle._check_size(name, entry)
+            bundle._warn_unlisted()
+            if verify:
+                for name, entry in bundle.manifest.files.items():
+                    bundle._check_hash(name, entry)
+        except BaseException:
+            bundle.close()
+            raise
         return bundle
 
     @classmethod
-    def open_unchecked(cls, path: str | os.PathLike[str]) -> "Bundle":
+    def open_unchecked(cls, path: str | os.PathLike[str]) -> Bundle:
         """Read and validate the manifest only, checking no other file: what :meth:`verify` and
         ``hellofmt verify`` start from, so that every file problem becomes a report line.
+
+        The directory is opened once and every later read goes through that handle (spec
+        section 10): a replace of the bundle meanwhile gives this reader the version it opened,
+        or a BundleChangedError once the old version is swept, never a mix of two.
 
         Raises BundleNotFoundError (no directory or no manifest), UnsafePathError or ManifestError.
         """
         root = Path(path)
-        if not root.is_dir():
+        try:
+            is_dir = stat.S_ISDIR(os.stat(root).st_mode)
+        except (OSError, ValueError):  # ENOENT, ENAMETOOLONG, EACCES, an embedded NUL, ...
+            is_dir = False
+        if not is_dir and recover(root):  # an interrupted replace, finished where the platform needs it
+            is_dir = root.is_dir()
+        if not is_dir:
             raise BundleNotFoundError("no such bundle directory", file=root,
                                       fix="give the path of a directory holding hellofmt.json")
-        mpath = root / MANIFEST_NAME
-        if not mpath.exists() and not mpath.is_symlink():
-            raise BundleNotFoundError(f"no {MANIFEST_NAME} in the directory", file=root,
-                                      fix="this is not a hellofmt bundle, or its download is incomplete")
-        bundle = cls(root, None)  # type: ignore[arg-type]
-        mpath = bundle._safe(MANIFEST_NAME, field="manifest")
-        size = mpath.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise ManifestError(f"manifest is {size} bytes, over the {MAX_MANIFEST_BYTES}-byte limit", file=mpath)
-        bundle.manifest = Manifest.from_json(mpath.read_bytes(), file=str(mpath))
+        try:
+            fd = os.open(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError:  # platforms that cannot open a directory: reads go by path
+            fd = None
+        bundle = cls(root, None, dir_fd=fd)  # type: ignore[arg-type]
+        try:
+            try:
+                mpath = bundle._safe(MANIFEST_NAME, field="manifest")
+            except MissingFileError:
+                raise BundleNotFoundError(f"no {MANIFEST_NAME} in the directory", file=root,
+                                          fix="this is not a hellofmt bundle, or its download is incomplete") from None
+            try:
+                with open(mpath, "rb") as f:
+                    data = f.read(MAX_MANIFEST_BYTES + 1)
+            except OSError as e:
+                raise BundleError(f"cannot read: {e.strerror or e}", file=root / MANIFEST_NAME,
+                                  field="manifest") from None
+            if len(data) > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"manifest is over the {MAX_MANIFEST_BYTES}-byte limit", file=root / MANIFEST_NAME)
+            bundle.manifest = Manifest.from_json(data, file=str(root / MANIFEST_NAME))
+        except BaseException:
+            bundle.close()
+            raise
         return bundle
 
     def _safe(self, name: str, field: str | None = None) -> Path:
-        check_file_name(name, str(self.path / MANIFEST_NAME), field or f"files.{name}")
-        p = self.path / name
-        if not p.exists() and not p.is_symlink():
-            raise MissingFileError("listed in the manifest but absent", file=p, field=field or f"files.{name}",
-                                   fix="the download is incomplete: pull the bundle again")
+        """The path to read bundle file ``name`` from, in the pinned directory, after its checks."""
+        field = field or f"files.{name}"
+        shown = self.path / name
+        check_file_name(name, str(self.path / MANIFEST_NAME), field)
+        self._check_not_replaced()
+        p = self._root / name
         try:
-            real = p.resolve(strict=True)
-        except (OSError, RuntimeError):
-            raise UnsafePathError("is a broken or looping symlink", file=p, field=field or f"files.{name}") from None
-        root = self.path.resolve()
-        # huggingface_hub's cache keeps a snapshot's files as symlinks <repo>/snapshots/<commit>/<name>
-        # -> <repo>/blobs/<hash>: that one store, of the same repository, is allowed as a target.
-        hf_blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
-        if real.parent != root and real.parent != hf_blobs:
-            raise UnsafePathError(f"leads out of the bundle (to {real})", file=p, field=field or f"files.{name}",
-                                  fix="bundle files must be plain files inside the bundle directory")
-        if not stat.S_ISREG(real.stat().st_mode):
-            raise UnsafePathError("is not a regular file", file=p, field=field or f"files.{name}")
-        return real
+            st = os.lstat(p)
+        except FileNotFoundError:
+            self._check_not_replaced(gone=True)
+            raise MissingFileError("listed in the manifest but absent", file=shown, field=field,
+                                   fix="the download is incomplete: pull the bundle again") from None
+        except OSError as e:
+            raise BundleError(f"cannot read: {e.strerror or e}", file=shown, field=field) from None
+        if stat.S_ISLNK(st.st_mode):
+            try:
+                real = Path(os.path.realpath(p, strict=True))
+                root = Path(os.path.realpath(self._root, strict=True))
+                st = os.stat(p)
+            except (OSError, RuntimeError):
+                raise UnsafePathError("is a broken or looping symlink", file=shown, field=field) from None
+            # huggingface_hub's cache keeps a snapshot's files as symlinks <repo>/snapshots/<commit>/<name>
+            # -> <repo>/blobs/<hash>: that one store, of the same repository, is allowed as a target.
+            hf_blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
+            if real.parent != root and real.parent != hf_blobs:
+                raise UnsafePathError(f"leads out of the bundle (to {real})", file=shown, field=field,
+                                      fix="bundle files must be plain files inside the bundle directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePathError("is not a regular file", file=shown, field=field)
+        return p
+
+    def _check_not_replaced(self, gone: bool = False) -> None:
+        """Raise BundleChangedError if the directory this Bundle opened was removed (swept after a
+        replace) or, where reads go by path, if another directory now stands at the path."""
+        if self._fd is None:
+            return
+        try:
+            pinned = os.fstat(self._fd)
+            if pinned.st_nlink == 0:
+                removed = True
+            elif self._root is self.path or gone:  # is the path still the directory we opened?
+                now = os.stat(self.path)
+                removed = (now.st_dev, now.st_ino) != (pinned.st_dev, pinned.st_ino)
+            else:
+                removed = False
+        except OSError:
+            removed = gone
+        if removed:
+            raise BundleChangedError(
+                "the bundle was replaced or removed while it was being read", file=self.path,
+                fix="open it again to read the current version",
+            )
+
+    def _pinned(self, name: str) -> Path:
+        """The checked path of file ``name`` in the pinned directory, for reading: the same file
+        (device and inode) the size check saw when there was one, and of the listed size."""
+        p = self._safe(name)
+        st = self._stat(p, name)
+        seen = self._seen.get(name)
+        if seen is not None and seen != (st.st_dev, st.st_ino):
+            raise BundleChangedError("the file was replaced since the bundle was opened", file=self.path / name,
+                                     field=f"files.{name}", fix="open the bundle again")
+        entry = self.manifest.files.get(name) if self.manifest is not None else None
+        if entry is not None and st.st_size != entry.size:
+            raise IntegrityError(
+                f"file is {st.st_size} bytes, the manifest says {entry.size}", file=self.path / name,
+                field=f"files.{name}.size", fix="the file is truncated or altered: re-download or rebuild",
+            )
+        return p
+
+    def _stat(self, p: Path, name: str) -> os.stat_result:
+        try:
+            return os.stat(p)
+        except OSError as e:  # removed since _safe looked: a sweep after a replace
+            self._check_not_replaced(gone=True)
+            raise MissingFileError(f"cannot read: {e.strerror or e}", file=self.path / name,
+                                   field=f"files.{name}") from None
 
     def file(self, name: str) -> Path:
-        """The checked path of bundle file ``name``: a plain name, present, a regular file inside
-        the bundle (symlinks resolved). Raises MissingFileError or UnsafePathError."""
-        return self._safe(name)
+        """The checked path of bundle file ``name`` (``path / name``): a plain name, present, a
+        regular file inside the bundle. Raises MissingFileError or UnsafePathError. The Bundle's
+        own readers go through the directory it opened; a caller reading this path by itself
+        reads whatever is at the path now."""
+        self._safe(name)
+        return self.path / name
 
     def _unlisted(self) -> list[str]:
-        # ".cache" holds huggingface_hub's metadata after a download into a directory (pull DIR).
-        known = set(self.manifest.files) | {MANIFEST_NAME, CARD_NAME, ".cache"}
-        return sorted(e.name for e in os.scandir(self.path) if e.name not in known)
+        # ".cache" holds huggingface_hub's metadata after a download into a directory (pull DIR);
+        # the debris marker appears in a replaced version while a writer deletes it.
+        known = set(self.manifest.files) | {MANIFEST_NAME, CARD_NAME, ".cache", DEBRIS_MARKER}
+        return sorted(e.name for e in os.scandir(self._root) if e.name not in known)
 
     def _warn_unlisted(self) -> None:
         for name in self._unlisted():
             warnings.warn(f"{self.path / name}: not listed in the manifest; ignored", UnlistedFileWarning, stacklevel=3)
 
     def _check_size(self, name: str, entry: FileEntry) -> None:
-        p = self.file(name)
-        size = p.stat().st_size
-        if size != entry.size:
+        st = self._stat(self._safe(name), name)
+        if st.st_size != entry.size:
             raise IntegrityError(
-                f"file is {size} bytes, the manifest says {entry.size}",
-                file=p, field=f"files.{name}.size", fix="the file is truncated or altered: re-download or rebuild",
+                f"file is {st.st_size} bytes, the manifest says {entry.size}", file=self.path / name,
+                field=f"files.{name}.size", fix="the file is truncated or altered: re-download or rebuild",
             )
+        self._seen[name] = (st.st_dev, st.st_ino)
 
     def _check_hash(self, name: str, entry: FileEntry) -> None:
-        p = self.file(name)
-        digest = sha256_file(p)
+        try:
+            digest = sha256_file(self._pinned(name))
+        except OSError as e:  # removed between the check and the read: a sweep after a replace
+            self._check_not_replaced(gone=True)
+            raise MissingFileError(f"cannot read: {e.strerror or e}", file=self.path / name,
+                                   field=f"files.{name}") from None
         if digest != entry.sha256:
             raise IntegrityError(
-                f"sha256 is {digest}, the manifest says {entry.sha256}", file=p, field=f"files.{name}.sha256",
+                f"sha256 is {digest}, the manifest says {entry.sha256}", file=self.path / name,
+                field=f"files.{name}.sha256",
                 fix="the file is corrupt or was altered: re-download or rebuild the bundle",
             )
 
@@ -231,7 +374,7 @@ class Bundle:
         """The embedded weights must have the fingerprint the manifest pins (spec 6.1)."""
         f = self.manifest.foundation
         path = self.file(f.weights_file)
-        tensors, _ = load_safetensors(path)
+        tensors, _ = load_safetensors(self._pinned(f.weights_file), file=path)
         # Loaded weights are float32 (spec 6.1), so a half-precision file fingerprints as its upcast.
         half = (torch.float16, torch.bfloat16)
         got = fingerprint({k: v.float() if v.dtype in half else v for k, v in tensors.items()})
@@ -245,7 +388,7 @@ class Bundle:
         m = self.manifest
         path = self.file(m.projector.file)
         try:
-            tensors, meta = load_safetensors(path, dtypes=PROJECTOR_DTYPES)
+            tensors, meta = load_safetensors(self._pinned(m.projector.file), file=path, dtypes=PROJECTOR_DTYPES)
         except HellofmtError as e:
             return [str(e)]
         out = []
@@ -273,7 +416,7 @@ class Bundle:
     def _read_shard(self, shard: Shard, out: torch.Tensor | None = None, num_threads: int | None = None):
         im = self.manifest.images
         return read_shard(
-            self.file(shard.file), codec=im.codec, height=im.height, width=im.width,
+            self._pinned(shard.file), codec=im.codec, height=im.height, width=im.width,
             num_classes=self.manifest.num_classes, expected_count=shard.count, num_threads=num_threads,
             out=out, file=self.path / shard.file,
         )
@@ -314,7 +457,9 @@ class Bundle:
 
         Raises TensorFileError for a truncated or hostile file.
         """
-        tensors, _ = load_safetensors(self.file(self.manifest.projector.file), device=device, dtypes=PROJECTOR_DTYPES)
+        name = self.manifest.projector.file
+        tensors, _ = load_safetensors(self._pinned(name), file=self.path / name, device=device,
+                                      dtypes=PROJECTOR_DTYPES)
         return tensors
 
     def foundation_path(self) -> Path | None:
@@ -329,6 +474,42 @@ class Bundle:
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------
+# Everything a writer leaves beside a bundle OUT is named ".OUT.hellofmt-*" (spec section 10):
+#   .OUT.hellofmt-lock         the lock file, held with flock while a writer works, removed on release
+#   .OUT.hellofmt-tmp-<hex>    a bundle being written (holds the marker until it is complete), or,
+#                              after an exchange, the previous bundle waiting to be deleted
+#   .OUT.hellofmt-old-<hex>    the previous bundle, moved aside (platforms without an atomic exchange)
+# Only directories with such a name AND the marker file, a hellofmt.json, or nothing at all, are
+# ever deleted: a sweep never touches a user's file.
+DEBRIS_MARKER = ".hellofmt-partial"
+_LOCK_SUFFIX = ".hellofmt-lock"
+_DEBRIS_RE = r"\.hellofmt-(tmp|old)-[0-9a-f]{12}"
+_NAME_SLACK = len(".") + len(".hellofmt-tmp-") + 12  # what a writer adds to OUT's name
+
+# Test hook: called with the name of every filesystem step a writer takes ("mkdir", "write:NAME",
+# "exchange", ...), so a test can stop (SIGKILL) a writing process at each one.
+_step_hook: Callable[[str], None] | None = None
+
+
+def _step(name: str) -> None:
+    if _step_hook is not None:
+        _step_hook(name)
+
+
+def _pinned_root(fd: int | None) -> Path | None:
+    """A path that reaches the directory open as ``fd`` whatever happens to its name: Linux's
+    /proc/self/fd/N. None where the platform has no such path (reads then go by path, checked
+    against the descriptor's identity)."""
+    if fd is None or not sys.platform.startswith("linux"):
+        return None
+    proc = Path(f"/proc/self/fd/{fd}")
+    try:
+        a, b = os.stat(proc), os.fstat(fd)
+    except OSError:
+        return None
+    return proc if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else None
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -342,11 +523,228 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+# ---- atomic renames ------------------------------------------------------------------------------
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+@functools.lru_cache(maxsize=1)
+def _rename_call():
+    """(function, flag map) of the platform's flagged rename: Linux renameat2, macOS renamex_np."""
+    import ctypes  # only for the flagged rename; kept out of the readers' path
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if sys.platform.startswith("linux"):
+            fn = libc.renameat2
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            at_fdcwd = -100
+            return (lambda a, b, f: fn(at_fdcwd, a, at_fdcwd, b, f)), {_RENAME_NOREPLACE: 1, _RENAME_EXCHANGE: 2}
+        if sys.platform == "darwin":
+            fn = libc.renamex_np
+            fn.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_uint]
+            return fn, {_RENAME_NOREPLACE: 0x4, _RENAME_EXCHANGE: 0x2}  # RENAME_EXCL, RENAME_SWAP
+    except (OSError, AttributeError):  # an old C library without the call
+        pass
+    return None, {}
+
+
+def _flagged_rename(src: Path, dst: Path, flag: int) -> bool:
+    """Rename with ``flag`` (no-replace or exchange); False where the platform or the filesystem
+    cannot, so the caller falls back. Other failures raise OSError."""
+    import ctypes
+
+    fn, flags = _rename_call()
+    if fn is None:
+        return False
+    if fn(os.fsencode(src), os.fsencode(dst), flags[flag]) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+# ---- the lock ------------------------------------------------------------------------------------
+class _Lock:
+    """An exclusive lock on one bundle path: ``flock`` on ``.OUT.hellofmt-lock`` beside it.
+
+    The holder removes the file when it lets go; a waiter that then locks a removed file sees
+    that the path no longer names it and tries again, so a lock file is never shared by two.
+    A killed holder's lock is released by the kernel; its file stays until the next writer.
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.path = target.parent / f".{target.name}{_LOCK_SUFFIX}"
+        self.fd: int | None = None
+
+    def acquire(self, timeout: float | None) -> bool:
+        """Take the lock, waiting up to ``timeout`` seconds (None: for ever; 0: not at all)."""
+        if fcntl is None:  # no flock (Windows): an exclusive create; a crash leaves it behind
+            try:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+                return True
+            except FileExistsError:
+                return False
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if timeout is None else fcntl.LOCK_NB))
+            except BlockingIOError:
+                os.close(fd)
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+                time.sleep(0.02)
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            try:
+                a, b = os.stat(self.path), os.fstat(fd)
+                same = (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                self.fd = fd
+                return True
+            os.close(fd)  # the previous holder removed it: lock the new one
+
+    def holder(self) -> str:
+        try:
+            pid = self.path.read_text().strip()
+        except OSError:
+            pid = ""
+        return f"process {pid}" if pid.isdigit() else "another process"
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            self.path.unlink()  # while still holding it: see the class docstring
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+# ---- debris --------------------------------------------------------------------------------------
+def _debris(target: Path) -> list[tuple[str, Path]]:
+    """hellofmt's own leftovers beside ``target``: ("tmp" | "old", path), oldest first."""
+    pattern = re.compile(re.escape(f".{target.name}") + _DEBRIS_RE)
+    found = []
+    try:
+        entries = list(os.scandir(target.parent))
+    except OSError:
+        return []
+    for e in entries:
+        m = pattern.fullmatch(e.name)
+        if m is None or not e.is_dir(follow_symlinks=False):
+            continue
+        path = Path(e.path)
+        if _is_ours(path):
+            found.append((e.stat(follow_symlinks=False).st_mtime_ns, m.group(1), path))
+    return [(kind, path) for _, kind, path in sorted(found)]
+
+
+def _is_ours(path: Path) -> bool:
+    """A directory a writer made or moved aside: it holds the marker, a manifest, or nothing."""
+    try:
+        names = os.listdir(path)
+        return not names or any(
+            n in (DEBRIS_MARKER, MANIFEST_NAME) and stat.S_ISREG(os.lstat(path / n).st_mode) for n in names
+        )
+    except OSError:
+        return False
+
+
+def _complete(path: Path) -> bool:
+    """A finished bundle directory: a manifest and no marker."""
+    return (path / MANIFEST_NAME).is_file() and not os.path.lexists(path / DEBRIS_MARKER)
+
+
+def _mark(path: Path) -> None:
+    with open(path / DEBRIS_MARKER, "w", encoding="utf-8") as f:
+        f.write("hellofmt: an unfinished or replaced bundle; the next writer of this path removes it\n")
+
+
+def _remove_debris(path: Path) -> None:
+    """Delete one of hellofmt's own directories (see :func:`_is_ours`). The marker goes in first
+    and out last, so a sweep stopped half-way leaves a directory the next one still recognises."""
+    if not _is_ours(path):
+        return
+    if not os.path.lexists(path / DEBRIS_MARKER):
+        _mark(path)
+        _step("mark-old")
+    for e in sorted(os.scandir(path), key=lambda e: e.name):
+        if e.name == DEBRIS_MARKER:
+            continue
+        if e.is_dir(follow_symlinks=False):  # huggingface_hub's .cache after pull DIR
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            os.unlink(e.path)
+        _step(f"sweep:{e.name}")
+    os.unlink(path / DEBRIS_MARKER)
+    _step("sweep:marker")
+    os.rmdir(path)
+    _step("sweep:dir")
+
+
+def _recover_and_sweep(target: Path) -> None:
+    """Under the lock: finish an interrupted replace, then delete every leftover.
+
+    Only a replace by two renames (no atomic exchange) can leave ``target`` missing: the old
+    bundle moved aside, the new one not yet in. It is rolled forward when the new bundle is
+    complete, else back. Then every other leftover of ``target`` is deleted.
+    """
+    debris = _debris(target)
+    if not os.path.lexists(target):
+        olds = [p for kind, p in debris if kind == "old" and _complete(p)]
+        if olds:
+            news = [p for kind, p in debris if kind == "tmp" and _complete(p)]
+            os.rename((news or olds)[-1], target)
+            _fsync_dir(target.parent)
+            debris = _debris(target)
+    for _, path in debris:
+        _remove_debris(path)
+
+
+def recover(path: str | os.PathLike[str]) -> bool:
+    """Finish or roll back an interrupted replace of the bundle at ``path`` and delete hellofmt's
+    leftovers beside it, unless a writer holds its lock (then nothing is done). The next writer
+    does this anyway; :meth:`Bundle.open` calls it when ``path`` is missing. Never raises.
+
+    Returns:
+        True when there were leftovers and they were dealt with.
+    """
+    target = Path(path).absolute()
+    try:
+        if not _debris(target):
+            return False
+        lock = _Lock(target)
+        if not lock.acquire(0):
+            return False
+        try:
+            _recover_and_sweep(target)
+        finally:
+            lock.release()
+        return True
+    except OSError:  # a read-only place, or no permission: leave it for a writer
+        return False
+
+
+def _what_is_there(path: Path) -> str | None:
+    """None when ``path`` may be replaced (a bundle directory or an empty one), else what it is."""
+    if path.is_symlink():
+        return "is a symbolic link"
+    if not path.is_dir():
+        return "is a file, not a bundle directory"
+    names = sorted(os.listdir(path))
+    if not names or MANIFEST_NAME in names:
+        return None
+    shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+    return f"is a folder of {len(names)} other entries ({shown}), not a hellofmt bundle"
 
 
 class BundleWriter:
@@ -357,24 +755,66 @@ class BundleWriter:
             w.write_tensors("projector.safetensors", deltas, {"format": "hellofmt-projector"})
             w.commit(manifest)
 
-    Files go to ``tmpdir`` (beside ``out``, same filesystem), hashed as they are written and fsynced.
-    ``commit`` writes the manifest and renames the directory into place. An existing ``out`` is
-    replaced only with ``overwrite=True`` (moved aside, the new bundle renamed in, the old one
-    deleted). If anything fails before ``commit`` completes, ``tmpdir`` is removed and ``out`` is
-    untouched.
+    The writer takes ``out``'s lock first (``.OUT.hellofmt-lock``: one writer per path; another
+    gets :class:`~hellofmt.errors.BundleLockedError`, or waits up to ``lock_timeout`` seconds),
+    finishes or sweeps what an earlier writer killed half-way left behind, then writes every
+    file into ``tmpdir`` (beside ``out``, same filesystem, created with the umask's permissions),
+    hashed as written and fsynced. ``commit`` writes the manifest and puts the directory in
+    place: renamed in, or, replacing an existing bundle (``overwrite=True``), atomically
+    exchanged with it where the platform can (Linux, macOS), then the old one deleted. At every
+    instant ``out`` holds the old complete bundle or the new complete one (spec section 10). If
+    anything fails before ``commit`` completes, ``tmpdir`` is removed and ``out`` is untouched.
+    ``overwrite`` replaces only a bundle (a directory with a ``hellofmt.json``) or an empty
+    directory, never a folder of other files.
     """
 
-    def __init__(self, out: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+    def __init__(self, out: str | os.PathLike[str], *, overwrite: bool = False,
+                 lock_timeout: float | None = 0.0) -> None:
         self.out = Path(out).absolute()
         self.overwrite = overwrite
-        if (self.out.exists() or self.out.is_symlink()) and not overwrite:
-            raise BundleExistsError("already exists", file=self.out, fix="choose another path or pass overwrite=True")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
-        self._files: dict[str, FileEntry] = {}
         self.committed = False
+        self._files: dict[str, FileEntry] = {}
+        self.tmpdir = self.out.parent / f".{self.out.name}.hellofmt-tmp-{secrets.token_hex(6)}"
+        name_bytes = len(os.fsencode(self.out.name))
+        if not self.out.name or name_bytes + _NAME_SLACK > MAX_FILE_NAME_BYTES:
+            raise InputError(
+                f"the bundle directory's name is {name_bytes} bytes; at most {MAX_FILE_NAME_BYTES - _NAME_SLACK} "
+                "leave room for the writer's temporary names", file=self.out, field="out", fix="choose a shorter name",
+            )
+        self._lock = _Lock(self.out)
+        with _os_errors(self.out):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            _step("lock")
+            if not self._lock.acquire(lock_timeout):
+                raise BundleLockedError(
+                    f"{self._lock.holder()} is writing this bundle (lock {self._lock.path.name})", file=self.out,
+                    fix="wait for it to finish, or pass lock_timeout=None to wait",
+                )
+        try:
+            with _os_errors(self.out):
+                _recover_and_sweep(self.out)
+                _step("swept")
+                self._check_target()
+                os.mkdir(self.tmpdir, 0o777)  # the umask decides, as for any directory the user makes
+                _step("mkdir")
+                _mark(self.tmpdir)
+                _step("mark")
+        except BaseException:
+            self._lock.release()
+            raise
 
-    def __enter__(self) -> "BundleWriter":
+    def _check_target(self) -> None:
+        if not os.path.lexists(self.out):
+            return
+        if not self.overwrite:
+            raise BundleExistsError("already exists", file=self.out, fix="choose another path or pass overwrite=True")
+        what = _what_is_there(self.out)
+        if what is not None:
+            raise BundleExistsError(what, file=self.out,
+                                    fix="overwrite replaces only a hellofmt bundle or an empty folder: choose "
+                                    "another path, or move the files away")
+
+    def __enter__(self) -> BundleWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -382,8 +822,11 @@ class BundleWriter:
             self.abort()
 
     def abort(self) -> None:
-        """Remove the temporary directory; ``out`` is left as it was. Safe to call twice."""
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        """Remove the temporary directory and let go of the lock; ``out`` is left as it was. Safe
+        to call twice."""
+        if not self.committed:
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
+        self._lock.release()
 
     def _check_open(self) -> None:
         if self.committed:
@@ -395,17 +838,21 @@ class BundleWriter:
         """Write one file of the bundle from memory, hashing it as it is written, then fsync."""
         self._check_open()
         check_file_name(name, None, "name")
-        if name in (MANIFEST_NAME, CARD_NAME) or name in self._files:
+        if name in (MANIFEST_NAME, CARD_NAME, DEBRIS_MARKER) or name in self._files:
             raise InputError(f"{name!r} is reserved or already written", field="name")
         h = hashlib.sha256()
         view = memoryview(data).cast("B")
-        with open(self.tmpdir / name, "xb") as f:
-            for i in range(0, len(view), 64 * _CHUNK):
-                chunk = view[i : i + 64 * _CHUNK]
-                h.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        with _os_errors(self.tmpdir / name):
+            with open(self.tmpdir / name, "xb") as f:
+                _step(f"create:{name}")
+                for i in range(0, len(view), 64 * _CHUNK):
+                    chunk = view[i : i + 64 * _CHUNK]
+                    h.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                _step(f"write:{name}")
+                os.fsync(f.fileno())
+            _step(f"fsync:{name}")
         entry = FileEntry(sha256=h.hexdigest(), size=len(view))
         self._files[name] = entry
         return entry
@@ -446,7 +893,9 @@ class BundleWriter:
             width=int(images.shape[3]), shards=shards, per_class=per_class,
         )
 
-    def write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> FileEntry:
+    def write_tensors(
+        self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    ) -> FileEntry:
         """Write ``tensors`` as the safetensors file ``name`` with ``metadata`` as its ``__metadata__``."""
         self._check_open()
         try:
@@ -456,35 +905,68 @@ class BundleWriter:
         return self.write_bytes(name, payload)
 
     def commit(self, manifest: Manifest) -> Path:
-        """Fill ``manifest.files``, validate the manifest, write it, fsync, rename into place.
+        """Fill ``manifest.files``, validate the manifest, write it, fsync, put the bundle in place.
 
         Returns the final bundle path. Raises ManifestError (nothing is moved) if the manifest is
-        invalid or refers to a file that was not written.
+        invalid or refers to a file that was not written; BundleExistsError if ``out`` is not
+        replaceable; BundleError if the filesystem refuses a step (``out`` is then as it was).
         """
         self._check_open()
         manifest.files = dict(sorted(self._files.items()))
         manifest.validate(file=str(self.out / MANIFEST_NAME))
         text = manifest.to_json().encode("utf-8")
-        with open(self.tmpdir / MANIFEST_NAME, "xb") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(self.tmpdir)
-        aside = None
-        if self.out.exists() or self.out.is_symlink():
-            if not self.overwrite:
-                raise BundleExistsError("appeared while writing", file=self.out, fix="pass overwrite=True to replace it")
-            aside = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.old-", dir=self.out.parent))
-            aside.rmdir()  # only the unique name is wanted; rename needs it free
-            os.rename(self.out, aside)
-        try:
-            os.rename(self.tmpdir, self.out)
-        except BaseException:
-            if aside is not None:
-                os.rename(aside, self.out)
-            raise
+        with _os_errors(self.tmpdir / MANIFEST_NAME):
+            with open(self.tmpdir / MANIFEST_NAME, "xb") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            _step("manifest")
+            os.unlink(self.tmpdir / DEBRIS_MARKER)  # complete from here on
+            _step("unmark")
+            _fsync_dir(self.tmpdir)
+            _step("fsync-tmp")
+        self._check_target()
+        old = None
+        with _os_errors(self.out):
+            if not os.path.lexists(self.out):
+                if not _flagged_rename(self.tmpdir, self.out, _RENAME_NOREPLACE):
+                    os.rename(self.tmpdir, self.out)  # under the lock: nothing else of ours can be there
+                _step("rename")
+            elif _flagged_rename(self.tmpdir, self.out, _RENAME_EXCHANGE):
+                old = self.tmpdir  # the exchange left the previous bundle under the temporary name
+                _step("exchange")
+            else:  # two renames: Bundle.open and the next writer finish an interrupted one (recover)
+                old = self.out.parent / f".{self.out.name}.hellofmt-old-{secrets.token_hex(6)}"
+                os.rename(self.out, old)
+                _step("move-aside")
+                try:
+                    os.rename(self.tmpdir, self.out)
+                except BaseException:
+                    os.rename(old, self.out)
+                    raise
+                _step("move-in")
         self.committed = True
-        _fsync_dir(self.out.parent)
-        if aside is not None:
-            _remove(aside)
+        try:
+            _fsync_dir(self.out.parent)
+            _step("fsync-parent")
+            if old is not None:
+                _remove_debris(old)
+        except OSError:  # the bundle is in place; the next writer sweeps what is left
+            pass
+        finally:
+            self._lock.release()
+            _step("unlock")
         return self.out
+
+
+@contextlib.contextmanager
+def _os_errors(file: Path):
+    """The filesystem's refusals (no space, no permission, a name too long) as a BundleError."""
+    try:
+        yield
+    except HellofmtError:
+        raise
+    except OSError as e:
+        where = e.filename if isinstance(e.filename, str) else file
+        raise BundleError(f"cannot write: {e.strerror or e}", file=where,
+                          fix="check the path, the free space and the permissions") from None

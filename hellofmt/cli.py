@@ -15,8 +15,8 @@ import click
 
 from . import __version__
 from .errors import HellofmtError
-from .manifest import MIX_MODES
-from .summary import format_summary, summarize
+from .manifest import DELTA_ENCODINGS, MIX_MODES
+from .summary import DEFAULT_MAX_CLASSES, format_summary, format_verified, summarize
 
 
 def _friendly_errors(fn):
@@ -40,33 +40,42 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.argument("bundle", type=str)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (counts as integers).")
+@click.option("--max-classes", type=click.IntRange(min=0), default=DEFAULT_MAX_CLASSES, show_default=True,
+              help="List at most N classes (0: all of them).")
 @_friendly_errors
-def info(bundle: str, as_json: bool) -> None:
-    """Summarise BUNDLE: classes, images, codec, foundation, ranks, file sizes, label payload."""
+def info(bundle: str, as_json: bool, max_classes: int) -> None:
+    """Summarise BUNDLE (a folder, or a Hub id pulled through the cache): contents, classes, foundation,
+    projector, label recipe, teacher(s), files, label payload, fidelity, build metrics, evaluations."""
     from .bundle import Bundle  # imports torch: kept out of the CLI's start-up
+    from .hub import local_bundle
 
-    summary = summarize(Bundle.open(bundle))
+    summary = summarize(Bundle.open(local_bundle(bundle)))
     if as_json:
         click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
-        click.echo(format_summary(summary))
+        click.echo(format_summary(summary, max_classes=max_classes))
 
 
 @main.command()
-@click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
+@click.argument("bundle", type=str)
 @_friendly_errors
 def verify(bundle: str) -> None:
-    """Check every file of BUNDLE (sizes, sha256, images, projector tensors, probe); exit 1 on a problem."""
-    from .verify import verify_bundle  # imports torch and the model: kept out of the CLI's start-up
+    """Check every file of BUNDLE (a folder, or a Hub id pulled through the cache): sizes, sha256, images,
+    projector tensors, probe; print what was checked, or each problem and exit 1."""
+    from .bundle import Bundle  # imports torch and the model: kept out of the CLI's start-up
+    from .hub import local_bundle
+    from .verify import verify_bundle
 
-    problems = verify_bundle(bundle)
+    path = local_bundle(bundle, verify=False)  # verify_bundle hashes every file and lists each problem
+    problems = verify_bundle(path)
     for line in problems:
         click.echo(line)
     if problems:
         sys.exit(1)
-    click.echo(f"{bundle}: ok")
+    b = Bundle.open_unchecked(path)
+    click.echo(format_verified(summarize(b), probe_checked=b.manifest.probe is not None))
 
 
 class _BuildCommand(click.Command):
@@ -114,8 +123,9 @@ def build(train_data: str, classes: str | None, teachers: tuple[str, ...], teach
     if result.path is None:  # torchrun ranks other than 0 write nothing
         return
     click.echo(result["summary"])
-    click.echo("stage times   " + ", ".join(f"{k} {v:.1f}s" for k, v in result["timings"].items()))
     click.echo(f"wrote {result.path}")
+    for w in result.get("warnings") or []:  # last, where they are seen; also in `hellofmt info`
+        click.echo(f"warning: {w}", err=True)
 
 
 @main.command()
@@ -152,6 +162,31 @@ def pull(repo_id: str, directory: str | None, revision: str | None, token: str |
     click.echo(str(pull_bundle(repo_id, directory, revision=revision, token=token, force_download=force_download)))
 
 
+@main.command()
+@click.argument("bundle", type=str)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=str),
+              help="PNG file to write (default: NAME-grid.png in the current folder, NAME the bundle folder's).")
+@click.option("--per-class", "--max-per-class", "per_class", type=click.IntRange(min=1), default=8,
+              show_default=True, help="Images per class (the first ones of each class).")
+@click.option("--classes", "classes", multiple=True,
+              help="Classes to show: names, folder names or indices, comma-separated or repeated (default: all).")
+@click.option("--tile", type=click.IntRange(min=1, max=4096),
+              help="Tile side in pixels (default: the image side, kept between 64 and 160).")
+@_friendly_errors
+def show(bundle: str, out: str | None, per_class: int, classes: tuple[str, ...], tile: int | None) -> None:
+    """Write a contact sheet of BUNDLE's images: a PNG grid, one row per class with its name."""
+    from .bundle import Bundle  # imports torch: kept out of the CLI's start-up
+    from .hub import local_bundle
+    from .show import write_contact_sheet
+
+    b = Bundle.open(local_bundle(bundle))
+    wanted = [part for c in classes for part in ([c] if c in b.manifest.classes else c.split(",")) if part.strip()]
+    out = out or f"{b.path.resolve().name}-grid.png"
+    layout = write_contact_sheet(b, out, classes=wanted or None, per_class=per_class, tile=tile)
+    click.echo(f"wrote {out}: {len(layout.rows)} classes x up to {layout.columns} images, "
+               f"{layout.width}x{layout.height} px")
+
+
 @main.command("eval")
 @click.argument("bundle", type=str)
 @click.option("--val", required=True, type=click.Path(path_type=str),
@@ -159,7 +194,8 @@ def pull(repo_id: str, directory: str | None, revision: str | None, token: str |
 @click.option("--val-classes", type=click.Path(path_type=str),
               help="JSON or TSV map: val folder -> bundle class name (as build's --classes).")
 @click.option("--arms", help="Comma-separated arms: bundle, hard, teacher, random (default: all the inputs allow).")
-@click.option("--student", help="convnet[:depth=D,width=W,norm=N], timm:NAME or FILE.py:FACTORY (default: the protocol's).")
+@click.option("--student",
+              help="convnet[:depth=D,width=W,norm=N], timm:NAME or FILE.py:FACTORY (default: the protocol's).")
 @click.option("--protocol", default="quick", show_default=True, help="Student recipe: quick, rded or sre2l.")
 @click.option("--teacher", "teachers", multiple=True,
               help="The teacher arm's labeller: timm:NAME or FILE.py:FACTORY (repeat to average several).")
@@ -195,6 +231,28 @@ def eval_(bundle: str, teachers: tuple[str, ...], teacher_weights: tuple[str, ..
         click.echo(f"wrote {opts['json_path']}")
     if opts.get("record"):
         click.echo(f"recorded in {result.bundle}/hellofmt.json (evaluations)")
+
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
+@click.option("--delta-dtype", type=click.Choice(DELTA_ENCODINGS), default="int8", show_default=True,
+              help="The new encoding of the deltas (int8: per-row scales, a quarter of float32).")
+@click.option("--out", type=click.Path(path_type=str), help="Write the new bundle here (default: replace BUNDLE).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists (re-encoding BUNDLE in place needs it).")
+@click.option("--device", help="cpu, cuda, cuda:N (default: cuda if available).")
+@click.option("--views", "views_per_image", default=4, show_default=True,
+              help="Augmented views per image the labels are compared on (at most 2048 in all).")
+@_friendly_errors
+def compress(bundle: str, delta_dtype: str, out: str | None, overwrite: bool, device: str | None,
+             views_per_image: int) -> None:
+    """Re-encode BUNDLE's deltas (e.g. float32 -> int8): measure how far the labels move on the bundle's own
+    images, record it in the manifest's metrics (delta_encoding.*), recompute the probe, write atomically."""
+    from .compress import compress_bundle, format_compress_result  # imports torch and the model
+
+    result = compress_bundle(bundle, delta_dtype, out, overwrite=overwrite, device=device,
+                             views_per_image=views_per_image)
+    click.echo(format_compress_result(result))
 
 
 if __name__ == "__main__":  # pragma: no cover

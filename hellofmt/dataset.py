@@ -133,9 +133,13 @@ def _resolve_device(device) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise InputError(f"not a torch device: {device!r}", field="device", fix="use 'cpu', 'cuda' or 'cuda:N'") from None
+        raise InputError(
+            f"not a torch device: {device!r}", field="device", fix="use 'cpu', 'cuda' or 'cuda:N'"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' was asked for but CUDA is not available", field="device", fix="use device='cpu'")
+        raise InputError(
+            "device 'cuda' was asked for but CUDA is not available", field="device", fix="use device='cpu'"
+        )
     return dev
 
 
@@ -193,7 +197,9 @@ class DistilledDataset:
         from .projector import Projector
 
         if not _is_int(label_batch_size) or label_batch_size <= 0:
-            raise InputError(f"label_batch_size must be a positive integer, got {label_batch_size!r}", field="label_batch_size")
+            raise InputError(
+                f"label_batch_size must be a positive integer, got {label_batch_size!r}", field="label_batch_size"
+            )
         if num_threads is not None and (not _is_int(num_threads) or num_threads < 1):
             raise InputError(f"num_threads must be None or an integer >= 1, got {num_threads!r}", field="num_threads")
         self.device = _resolve_device(device)
@@ -240,7 +246,9 @@ class DistilledDataset:
 
             probe = self.manifest.probe
             if probe is None or not probe.views:
-                logger.warning("hellofmt: %s has no probe; its labels cannot be checked against the builder's", self.path)
+                logger.warning(
+                    "hellofmt: %s has no probe; its labels cannot be checked against the builder's", self.path
+                )
             else:
                 check_probe(
                     self.projector,
@@ -445,7 +453,7 @@ class DistilledDataset:
     def loader(
         self,
         batch_size: int = 256,
-        image_size: int = 224,
+        image_size: int | Sequence[int] | None = None,
         *,
         scale: Sequence[float] | None = None,
         ratio: Sequence[float] | None = None,
@@ -470,7 +478,9 @@ class DistilledDataset:
 
         Args:
             batch_size: images per batch (per rank).
-            image_size: side ``S`` of the square views the student sees.
+            image_size: side ``S`` of the square views the student sees (default: the bundle's own
+                image side, the larger one if the stored images are not square). A square ``(S, S)``
+                pair is accepted too, so ``image_size=ds.image_size`` works.
             scale: ``(min, max)`` area fraction of the random resized crop, as in torchvision.
             ratio: ``(min, max)`` aspect ratio of the random resized crop, as in torchvision.
             mix: ``"none"``, ``"cutmix"``, ``"mixup"`` or ``"cutmix-mixup"``.
@@ -495,7 +505,7 @@ class DistilledDataset:
         return DistilledLoader(
             self,
             batch_size=batch_size,
-            image_size=image_size,
+            image_size=self._view_side(image_size),
             scale=scale,
             ratio=ratio,
             mix=mix,
@@ -508,6 +518,20 @@ class DistilledDataset:
             world_size=world_size,
             epochs=epochs,
         )
+
+    def _view_side(self, image_size: int | Sequence[int] | None) -> object:
+        """``loader``'s ``image_size`` as one side: None -> the stored images' (larger) side; a square
+        ``(S, S)`` pair -> ``S``. Anything else is passed on for :class:`DistilledLoader` to check."""
+        if image_size is None:
+            return max(self.image_size)
+        if isinstance(image_size, (tuple, list)):
+            if len(image_size) == 2 and _is_int(image_size[0]) and image_size[0] == image_size[1]:
+                return int(image_size[0])
+            raise InputError(
+                f"image_size must be one side S or a square (S, S) pair, got {tuple(image_size)!r}",
+                field="image_size", fix="the loader's views are square: give one side, e.g. image_size=32",
+            )
+        return image_size
 
     # ---- the projector as a teacher model --------------------------------------------------------
     def as_teacher(
@@ -574,7 +598,9 @@ class DistilledLoader:
         if not _is_int(batch_size) or batch_size <= 0:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}", field="batch_size")
         if not _is_int(image_size) or not 1 <= image_size <= MAX_IMAGE_SIDE:
-            raise InputError(f"image_size must be an integer in [1, {MAX_IMAGE_SIDE}], got {image_size!r}", field="image_size")
+            raise InputError(
+                f"image_size must be an integer in [1, {MAX_IMAGE_SIDE}], got {image_size!r}", field="image_size"
+            )
         if not _is_int(seed) or not 0 <= seed < _SEED_LIMIT:
             raise InputError(f"seed must be an integer in [0, 2**63), got {seed!r}", field="seed")
         if not _is_int(epochs) or epochs < 1:
@@ -588,7 +614,9 @@ class DistilledLoader:
             self.mix = "none"
         if self.mix not in MIX_MODES:
             raise InputError(f"mix must be one of {', '.join(MIX_MODES)}, got {mix!r}", field="mix")
-        self.temperature = DistilledDataset._check_temperature(recipe.temperature if temperature is None else temperature)
+        self.temperature = DistilledDataset._check_temperature(
+            recipe.temperature if temperature is None else temperature
+        )
         self.rank, self.world_size = resolve_distributed(rank, world_size)
         self.dataset = dataset
         self.batch_size = batch_size

@@ -25,12 +25,15 @@ __all__ = [
     "UnsafeFileNameError",
     "IntegrityError",
     "BundleExistsError",
+    "BundleLockedError",
+    "BundleChangedError",
     "ImageStoreError",
     "ImageDecodeError",
     "TensorFileError",
     "ProjectorError",
     "FoundationError",
     "FingerprintMismatchError",
+    "ModelConfigError",
     "ProbeMismatchError",
     "InputError",
     "BuildError",
@@ -123,6 +126,14 @@ class BundleExistsError(BundleError, FileExistsError):
     """The output path exists and replacing it was not asked for."""
 
 
+class BundleLockedError(BundleError):
+    """Another process is writing or replacing the same bundle path (its lock is held)."""
+
+
+class BundleChangedError(BundleError):
+    """The bundle was replaced or removed while it was being read; opening it again gives the new one."""
+
+
 class TensorFileError(BundleError):
     """A safetensors file is truncated, has a hostile header, or lacks a tensor it must have."""
 
@@ -146,6 +157,11 @@ class FoundationError(HellofmtError):
 
 class FingerprintMismatchError(FoundationError):
     """The foundation weights differ from the ones the bundle was built with."""
+
+
+class ModelConfigError(FoundationError, ValueError):
+    """A foundation model config (from a manifest or a config file) has a key outside the allow-list,
+    a value of the wrong type or out of its bounds, or describes a model too large to build."""
 
 
 class ProbeMismatchError(HellofmtError):

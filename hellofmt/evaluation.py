@@ -121,7 +121,8 @@ class EvalResult:
             "student": self.student,
             "seeds": list(self.seeds),
             "arms": {
-                k: {"accuracies": a.accuracies, "mean": a.mean, "std": a.std, "seconds": [round(s, 3) for s in a.seconds]}
+                k: {"accuracies": a.accuracies, "mean": a.mean, "std": a.std,
+                    "seconds": [round(s, 3) for s in a.seconds]}
                 for k, a in self.arms.items()
             },
             "comparisons": self.comparisons(),
@@ -158,15 +159,16 @@ class EvalResult:
             f"protocol {p.name}: {p.epochs} epochs, batch {p.batch_size}, lr {p.lr:g}, T {p.temperature:g}, "
             f"mix {p.mix}, image {p.image_size} px; student {self.student}; device {self.device}"
             + (f" x {self.world_size}" if self.world_size > 1 else ""),
-            f"val: {self.val_count} images" + (f" ({len(self.val_skipped)} undecodable, skipped)" if self.val_skipped else ""),
+            f"val: {self.val_count} images"
+            + (f" ({len(self.val_skipped)} undecodable, skipped)" if self.val_skipped else ""),
             "",
             f"{'arm':<9} {'top-1 (mean ± std)':>19}  {'per seed':<{max(9, 7 * len(self.seeds))}}  time/seed",
         ]
+        width = max(9, 7 * len(self.seeds))
         for name, a in self.arms.items():
             per = " ".join(f"{100 * x:6.1f}" for x in a.accuracies)
             secs = statistics.fmean(a.seconds) if a.seconds else 0.0
-            lines.append(f"{name:<9} {100 * a.mean:10.1f}% ± {100 * a.std:4.1f}  {per:<{max(9, 7 * len(self.seeds))}}  "
-                         f"{secs:.1f} s")
+            lines.append(f"{name:<9} {100 * a.mean:10.1f}% ± {100 * a.std:4.1f}  {per:<{width}}  {secs:.1f} s")
         c = self.comparisons()
         lines.append("")
         if c["bundle/teacher"] is not None:
@@ -208,6 +210,8 @@ def _list_folder(root: str | os.PathLike[str], option: str) -> tuple[Path, list[
 
 def _recorded_folders(manifest) -> list[str] | None:
     """Class folder names a builder recorded in the manifest (``class_folders``), if any."""
+    if manifest.class_folders is not None:
+        return list(manifest.class_folders)
     for obj in (manifest.extra, manifest.provenance.extra, manifest.provenance.build_args):
         v = obj.get("class_folders") if isinstance(obj, dict) else None
         if isinstance(v, list) and len(v) == manifest.num_classes and all(isinstance(x, str) for x in v):

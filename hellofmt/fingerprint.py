@@ -74,7 +74,7 @@ def fingerprint(state: nn.Module | dict[str, Tensor]) -> str:
         dtype = str(t.dtype).removeprefix("torch.")
         shape = ",".join(str(s) for s in t.shape)
         raw = _le_bytes(t)
-        h.update(f"{name}\n{dtype}\n{shape}\n{raw.nbytes}\n".encode("utf-8"))
+        h.update(f"{name}\n{dtype}\n{shape}\n{raw.nbytes}\n".encode())
         h.update(raw)
     return h.hexdigest()
 

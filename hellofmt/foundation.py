@@ -40,15 +40,16 @@ import re
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import manifest as mf
-from .errors import FingerprintMismatchError, FoundationError, TensorFileError
+from .errors import FingerprintMismatchError, FoundationError, ModelConfigError, TensorFileError, UnsafePathError
 from .fingerprint import FINGERPRINT_VERSION, canonical_state, fingerprint  # re-exported: public here before
 from .tensorfile import header_shapes, load_safetensors, read_safetensors_header
 
@@ -62,6 +63,10 @@ __all__ = [
     "load_foundation",
     "foundation_tensors",
     "foundation_metadata",
+    "check_model_config",
+    "estimate_model_cost",
+    "MAX_CONFIG_PARAMETERS",
+    "MAX_CONFIG_FLOPS",
 ]
 
 EMBEDDED_WEIGHTS_FILE = mf.FOUNDATION_FILE
@@ -69,6 +74,291 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npz", "
 _HF_CONFIG_NAME = "open_clip_config.json"
 _HF_SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
 _INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model config allow-list (spec section "Security")
+# --------------------------------------------------------------------------------------------------
+# A model config that comes from a manifest (or is recorded into one) is numbers only: every key
+# must be listed here with its type and bounds, and is checked before open_clip sees the config.
+# open_clip resolves names inside a config (hf_tokenizer_name -> transformers' AutoTokenizer,
+# hf_model_name -> a Hub text model, timm_model_name -> timm or the Hub, *_kwargs -> passed through
+# to constructors), so none of them is allowed: a bundle's model is built from numbers alone.
+MAX_CONFIG_LAYERS = 256
+MAX_CONFIG_WIDTH = 16384
+MAX_CONFIG_HEADS = 256
+MAX_CONFIG_CONTEXT = 1024
+MAX_CONFIG_VOCAB = 1 << 20
+MAX_CONFIG_PARAMETERS = 10_000_000_000  # ~40 GB in float32; open_clip's largest built-ins are ~5e9
+MAX_CONFIG_FLOPS = 10**13  # one image and one text through the towers; ViT-bigG-14 at 224 is ~1e12
+
+_INT, _NUM, _BOOL = "int", "number", "bool"
+
+
+def _choice(*values: str) -> tuple[str, ...]:
+    return values
+
+
+# key -> (kind, low, high) or a tuple of allowed strings. Bounds are inclusive; None: no bound.
+_TOP_KEYS: dict[str, Any] = {
+    "embed_dim": (_INT, 1, MAX_CONFIG_WIDTH),
+    "quick_gelu": (_BOOL, None, None),
+    "init_logit_scale": (_NUM, -100.0, 100.0),
+    "init_logit_bias": (_NUM, -1000.0, 1000.0),
+    "nonscalar_logit_scale": (_BOOL, None, None),
+    "custom_text": (_BOOL, None, None),
+}
+_COMMON_TOWER_KEYS: dict[str, Any] = {
+    "width": (_INT, 1, MAX_CONFIG_WIDTH),
+    "mlp_ratio": (_NUM, 0.0, 16.0),
+    "ls_init_value": (_NUM, 0.0, 10.0),
+    "final_ln_after_pool": (_BOOL, None, None),
+    "output_tokens": (_BOOL, None, None),
+    "block_type": _choice("default", "custom"),
+    "qk_norm": (_BOOL, None, None),
+    "scaled_cosine_attn": (_BOOL, None, None),
+    "scale_heads": (_BOOL, None, None),
+    "scale_attn_inner": (_BOOL, None, None),
+    "scale_attn": (_BOOL, None, None),
+    "scale_fc": (_BOOL, None, None),
+    # The two keyword dictionaries open_clip's own configs use, narrowed to their one numeric or
+    # enumerated entry: nothing else is passed through to a constructor.
+    "norm_kwargs": {"eps": (_NUM, 1e-12, 1.0)},
+    "act_kwargs": {"approximate": _choice("none", "tanh")},
+}
+_VISION_KEYS: dict[str, Any] = {
+    **_COMMON_TOWER_KEYS,
+    "layers": (_INT, 1, MAX_CONFIG_LAYERS),  # or 4 stage depths (ResNet), checked separately
+    "head_width": (_INT, 1, MAX_CONFIG_WIDTH),
+    "patch_size": (_INT, 1, mf.MAX_IMAGE_SIDE),  # null for a ResNet
+    "image_size": (_INT, 8, mf.MAX_IMAGE_SIDE),  # or [h, w], checked separately
+    "patch_dropout": (_NUM, 0.0, 0.99),
+    "attentional_pool": (_BOOL, None, None),
+    "attn_pooler_queries": (_INT, 1, 4096),
+    "attn_pooler_heads": (_INT, 1, MAX_CONFIG_HEADS),
+    "no_ln_pre": (_BOOL, None, None),
+    "pos_embed_type": _choice("learnable", "sin_cos_2d"),
+    "pool_type": _choice("tok", "avg", "none"),
+}
+_TEXT_KEYS: dict[str, Any] = {
+    **_COMMON_TOWER_KEYS,
+    "context_length": (_INT, 1, MAX_CONFIG_CONTEXT),
+    "vocab_size": (_INT, 1, MAX_CONFIG_VOCAB),
+    "heads": (_INT, 1, MAX_CONFIG_HEADS),
+    "layers": (_INT, 1, MAX_CONFIG_LAYERS),
+    "embed_cls": (_BOOL, None, None),
+    "pad_id": (_INT, 0, MAX_CONFIG_VOCAB),
+    "eos_id": (_INT, 0, MAX_CONFIG_VOCAB),
+    "no_causal_mask": (_BOOL, None, None),
+    "pool_type": _choice("first", "last", "argmax", "eos", "none"),
+    "proj_bias": (_BOOL, None, None),
+    "proj_type": _choice("linear", "none"),
+}
+# Keys open_clip knows that name code or data elsewhere; refused with a reason of their own.
+_NAMED_KEYS = {
+    "hf_tokenizer_name": "a tokenizer name (transformers would download and may run its code)",
+    "tokenizer_mode": "a tokenizer setting",
+    "tokenizer_kwargs": "keyword arguments passed to a tokenizer",
+    "hf_model_name": "a Hugging Face text model name (downloaded through transformers)",
+    "hf_model_pretrained": "a pretrained-download flag",
+    "hf_proj_type": "a Hugging Face text tower setting",
+    "hf_pooler_type": "a Hugging Face text tower setting",
+    "timm_model_name": "a timm model name (timm may fetch it from the Hub)",
+    "timm_model_pretrained": "a pretrained-download flag",
+    "timm_pool": "a timm tower setting",
+    "timm_proj": "a timm tower setting",
+    "timm_proj_bias": "a timm tower setting",
+    "timm_drop": "a timm tower setting",
+    "timm_drop_path": "a timm tower setting",
+    "multimodal_cfg": "a CoCa text decoder (not supported)",
+}
+_CONFIG_FIX = (
+    "a bundle's model config holds numbers only (open_clip's ViT/ResNet CLIP keys); architectures that "
+    "need a named tokenizer, timm or Hugging Face tower can only be referenced as ARCH:TAG (source 'pretrained')"
+)
+
+
+def check_model_config(config: Any, *, file=None, field: str = "foundation.model_config") -> dict:
+    """Check an open_clip model config against hellofmt's allow-list and bounds; return a copy.
+
+    Every key must be one open_clip's CLIP model reads as a number, a boolean or one of a few
+    enumerated strings, with each value in its range (layers, widths, heads, image and patch
+    size, vocabulary, context length). No tokenizer, Hugging Face or timm model name, no
+    pretrained flag and no keyword dictionary beyond ``norm_kwargs.eps`` and
+    ``act_kwargs.approximate`` is accepted. Then the parameter count and the cost of one forward
+    pass are estimated from the numbers and capped (:data:`MAX_CONFIG_PARAMETERS`,
+    :data:`MAX_CONFIG_FLOPS`), so nothing built from the config can exhaust memory or time.
+
+    Args:
+        config: the model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...).
+        file: the file to name in errors (the manifest or the config file).
+        field: the config's field path, prefixed to every key in errors.
+
+    Returns:
+        A deep copy of the config, safe to hand to open_clip.
+
+    Raises:
+        ModelConfigError: a key outside the allow-list, a value of the wrong type or out of its
+            range, or a model over the size or cost caps; the error names the key.
+    """
+    if not isinstance(config, dict):
+        raise ModelConfigError(f"expected an object, got {type(config).__name__}", file=file, field=field,
+                               fix=_CONFIG_FIX)
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in config:
+            raise ModelConfigError("missing required key", file=file, field=f"{field}.{key}",
+                                   fix="an open_clip model config needs embed_dim, vision_cfg and text_cfg")
+    _check_section(config, _TOP_KEYS, file, field, towers=("vision_cfg", "text_cfg"))
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    for name, sec, keys in (("vision_cfg", vision, _VISION_KEYS), ("text_cfg", text, _TEXT_KEYS)):
+        if not isinstance(sec, dict):
+            raise ModelConfigError(f"expected an object, got {type(sec).__name__}", file=file,
+                                   field=f"{field}.{name}", fix=_CONFIG_FIX)
+        _check_section(sec, keys, file, f"{field}.{name}")
+    _check_vision_shape(vision, file, f"{field}.vision_cfg")
+    _check_text_shape(text, file, f"{field}.text_cfg")
+    params, flops = estimate_model_cost(config)
+    if params > MAX_CONFIG_PARAMETERS or flops > MAX_CONFIG_FLOPS:
+        raise ModelConfigError(
+            f"describes a model of about {params:.3g} parameters and {flops:.3g} operations per image and text, "
+            f"over the caps of {MAX_CONFIG_PARAMETERS:.3g} and {MAX_CONFIG_FLOPS:.3g}",
+            file=file, field=field, fix="the config is hostile or corrupt: rebuild the bundle",
+        )
+    return copy.deepcopy(config)
+
+
+def _check_section(sec: dict, keys: dict, file, path: str, towers: tuple[str, ...] = ()) -> None:
+    for key, value in sec.items():
+        where = f"{path}.{key}"
+        if key in towers:
+            continue
+        if not isinstance(key, str) or key not in keys:
+            why = _NAMED_KEYS.get(key) if isinstance(key, str) else None
+            raise ModelConfigError(
+                f"key not allowed in a bundle's model config: {why}" if why
+                else "unknown key: not in hellofmt's allow-list of open_clip config keys",
+                file=file, field=where, fix=_CONFIG_FIX,
+            )
+        rule = keys[key]
+        if value is None and key in ("ls_init_value", "init_logit_bias", "patch_size", "block_type",
+                                     "norm_kwargs", "act_kwargs"):
+            continue  # open_clip's default
+        if key == "layers" and isinstance(value, list):
+            continue  # ResNet stage depths: _check_vision_shape
+        if key == "image_size" and isinstance(value, list):
+            continue  # [h, w]: _check_vision_shape
+        if isinstance(rule, dict):  # a narrowed keyword dictionary
+            if not isinstance(value, dict):
+                raise ModelConfigError(f"expected an object, got {type(value).__name__}", file=file, field=where)
+            _check_section(value, rule, file, where)
+        elif isinstance(rule, tuple) and rule and rule[0] not in (_INT, _NUM, _BOOL):
+            if value not in rule:
+                raise ModelConfigError(f"expected one of {', '.join(rule)}, got {value!r}"[:200], file=file,
+                                       field=where, fix=_CONFIG_FIX)
+        else:
+            _check_value(value, *rule, file=file, where=where)
+
+
+def _check_value(value: Any, kind: str, lo, hi, *, file, where: str) -> None:
+    if kind == _BOOL:
+        ok = isinstance(value, bool)
+    elif kind == _INT:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok:
+            try:
+                ok = math.isfinite(float(value))
+            except OverflowError:
+                ok = False
+    if not ok:
+        want = {"bool": "true or false", "int": "an integer", "number": "a finite number"}[kind]
+        raise ModelConfigError(f"expected {want}, got {str(value)[:40]!r}", file=file, field=where, fix=_CONFIG_FIX)
+    if kind != _BOOL and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        shown = str(value) if len(str(value)) <= 40 else f"a number of {len(str(value))} digits"
+        raise ModelConfigError(f"{shown} is outside the allowed range [{lo}, {hi}]", file=file, field=where,
+                               fix="the config is hostile or corrupt: rebuild the bundle")
+
+
+def _int_list(value: Any, n: int, lo: int, hi: int, file, where: str) -> list[int]:
+    if not isinstance(value, list) or len(value) != n:
+        raise ModelConfigError(f"expected an integer or a list of {n} integers", file=file, field=where,
+                               fix=_CONFIG_FIX)
+    for i, v in enumerate(value):
+        _check_value(v, _INT, lo, hi, file=file, where=f"{where}[{i}]")
+    return value
+
+
+def _check_vision_shape(v: dict, file, path: str) -> None:
+    size = v.get("image_size", 224)
+    if isinstance(size, list):
+        _int_list(size, 2, 8, mf.MAX_IMAGE_SIDE, file, f"{path}.image_size")
+    layers = v.get("layers", 12)
+    if isinstance(layers, list):  # a ResNet: four stage depths, no patches
+        _int_list(layers, 4, 1, 64, file, f"{path}.layers")
+        if v.get("width", 768) > 1024:
+            raise ModelConfigError(f"a ResNet stem width of {v['width']} is over 1024", file=file,
+                                   field=f"{path}.width", fix=_CONFIG_FIX)
+        return
+    width, head_width = v.get("width", 768), v.get("head_width", 64)
+    if width % head_width:
+        raise ModelConfigError(f"width {width} is not a multiple of head_width {head_width}", file=file,
+                               field=f"{path}.head_width", fix=_CONFIG_FIX)
+    if width // head_width > MAX_CONFIG_HEADS:
+        raise ModelConfigError(f"{width // head_width} heads is over {MAX_CONFIG_HEADS}", file=file,
+                               field=f"{path}.head_width", fix=_CONFIG_FIX)
+    patch = v.get("patch_size", 16)
+    if patch is None:
+        raise ModelConfigError("a transformer vision tower needs a patch size", file=file,
+                               field=f"{path}.patch_size", fix=_CONFIG_FIX)
+    if patch > min(size if isinstance(size, list) else [size]):
+        raise ModelConfigError(f"patch size {patch} is larger than the image", file=file,
+                               field=f"{path}.patch_size", fix=_CONFIG_FIX)
+
+
+def _check_text_shape(t: dict, file, path: str) -> None:
+    width, heads = t.get("width", 512), t.get("heads", 8)
+    if width % heads:
+        raise ModelConfigError(f"width {width} is not a multiple of heads {heads}", file=file,
+                               field=f"{path}.heads", fix=_CONFIG_FIX)
+    vocab = t.get("vocab_size", 49408)
+    for key in ("pad_id", "eos_id"):
+        if key in t and t[key] >= vocab:
+            raise ModelConfigError(f"{t[key]} is not below vocab_size {vocab}", file=file, field=f"{path}.{key}",
+                                   fix=_CONFIG_FIX)
+
+
+def estimate_model_cost(config: dict) -> tuple[float, float]:
+    """Rough parameter count and multiply-adds (x2) of one image and one text through an open_clip
+    config already checked by :func:`check_model_config`; generous (over-) estimates, used only
+    against the caps, computed from the numbers without building anything."""
+    embed = config["embed_dim"]
+    v, t = config["vision_cfg"], config["text_cfg"]
+    size = v.get("image_size", 224)
+    side = max(size) if isinstance(size, list) else size
+    width = v.get("width", 768)
+    layers = v.get("layers", 12)
+    if isinstance(layers, list):  # ModifiedResNet: 4 stages of bottlenecks, planes width * 2**i
+        params = flops = 0.0
+        spatial = (side / 4) ** 2
+        for i, depth in enumerate(layers):
+            planes = width * 2**i
+            stage = depth * 25.0 * planes * planes
+            params += stage
+            flops += 2 * stage * spatial / 4**i
+        out = width * 32
+        params += 4.0 * out * out + out * embed
+        flops += 2 * 4.0 * out * out * ((side / 32) ** 2 + 1)
+    else:
+        tokens = (side / v.get("patch_size", 16)) ** 2 + 1
+        block = (4 + 2 * v.get("mlp_ratio", 4.0)) * width * width
+        params = layers * block + 3.0 * v.get("patch_size", 16) ** 2 * width + tokens * width + width * embed
+        flops = 2 * layers * (tokens * block + 2 * tokens * tokens * width)
+    tw, tl, ctx = t.get("width", 512), t.get("layers", 12), t.get("context_length", 77)
+    tblock = (4 + 2 * t.get("mlp_ratio", 4.0)) * tw * tw
+    params += tl * tblock + (t.get("vocab_size", 49408) + ctx) * tw + tw * embed
+    flops += 2 * tl * (ctx * tblock + 2 * ctx * ctx * tw)
+    return float(params), float(flops)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -230,17 +520,26 @@ def load_foundation(
     expected_fingerprint: str | None = None,
     allow_mismatch: bool = False,
     embed: bool = False,
+    weights: str | os.PathLike[str] | None = None,
 ) -> LoadedFoundation:
     """Resolve a spec string, a parsed :class:`FoundationSpec` or a bundle's
     :class:`~hellofmt.manifest.Foundation` reference to a frozen open_clip model in eval mode on
     ``device``. The weights' :func:`fingerprint` is computed on load and compared with
     ``expected_fingerprint`` (for a reference, its ``weights_sha256`` when none is given): a
     difference raises :class:`FingerprintMismatchError`, or only warns when ``allow_mismatch``.
-    ``bundle_dir`` locates embedded weights (and relative ``file`` weights). ``embed=True`` makes
-    the returned reference an embedded one (weights to be written into the bundle); a random-init
-    model is always embedded so that its weights stay pinned."""
+    ``bundle_dir`` locates embedded weights, and the weights of a ``file`` reference: a manifest
+    never names a path outside its bundle, so those are ``weights`` (a path the caller chooses) or
+    the reference's plain ``weights_file`` name inside ``bundle_dir``. ``embed=True`` makes the
+    returned reference an embedded one (weights to be written into the bundle); a random-init model
+    is always embedded so that its weights stay pinned. A model config from a reference (or one
+    that will be recorded in a manifest) passes :func:`check_model_config` before open_clip sees it."""
+    if weights is not None and not (isinstance(spec_or_ref, mf.Foundation) and spec_or_ref.source == "file"):
+        raise FoundationError(
+            "weights= applies to a bundle whose foundation source is 'file'", field="weights",
+            fix="drop weights=, or give the weights in the spec string as CONFIG.json:WEIGHTS.safetensors",
+        )
     if isinstance(spec_or_ref, mf.Foundation):
-        loaded = _load_reference(spec_or_ref, bundle_dir)
+        loaded = _load_reference(spec_or_ref, bundle_dir, weights)
         expected = expected_fingerprint or spec_or_ref.weights_sha256
         where = Path(bundle_dir, mf.MANIFEST_NAME) if bundle_dir is not None else None
     else:
@@ -306,8 +605,10 @@ def _load_spec(spec: FoundationSpec, bundle_dir, embed: bool) -> LoadedFoundatio
         weights = _pretrained_weights(arch, tag, tag_cfg)
         ref_fields = dict(source="pretrained", pretrained=tag)
     elif spec.kind == "hf-hub":
-        hub_cfg = _read_json(_hub_file(spec.hf_hub_id, _HF_CONFIG_NAME), kind="open_clip config")
-        config, preprocess = _split_config(hub_cfg, file=f"hf-hub:{spec.hf_hub_id}/{_HF_CONFIG_NAME}")
+        where = f"hf-hub:{spec.hf_hub_id}/{_HF_CONFIG_NAME}"
+        config, preprocess = _split_config(_read_json(_hub_file(spec.hf_hub_id, _HF_CONFIG_NAME),
+                                                      kind="open_clip config"), file=where)
+        config = check_model_config(config, file=where, field="model_cfg")  # it will be recorded
         weights = _hub_file(spec.hf_hub_id, _HF_SAFE_WEIGHTS_NAME)
         ref_fields = dict(source="hf-hub", hf_hub_id=spec.hf_hub_id)
     elif spec.kind == "file":
@@ -315,23 +616,35 @@ def _load_spec(spec: FoundationSpec, bundle_dir, embed: bool) -> LoadedFoundatio
         if not cfg_path.is_file():
             raise FoundationError("model config not found", file=cfg_path, fix="check the path of CONFIG.json")
         config, preprocess = _split_config(_read_json(cfg_path, kind="model config"), file=cfg_path)
+        config = check_model_config(config, file=cfg_path, field="model_cfg")  # it will be recorded
         weights = None
         ref_fields = dict(source="embedded")
         if spec.weights_path is not None:
             weights = Path(spec.weights_path).expanduser()
             _check_safetensors_name(str(weights))
             if not weights.is_file():
-                raise FoundationError("weights file not found", file=weights, fix="check the path of WEIGHTS.safetensors")
-            ref_fields = dict(source="file", weights_file=str(weights))
+                raise FoundationError(
+                    "weights file not found", file=weights, fix="check the path of WEIGHTS.safetensors"
+                )
+            # The manifest keeps the file's name only, as a hint: a bundle never points outside
+            # itself, so at load time the user gives the path (weights=) or puts the file, under
+            # this name, in the bundle directory.
+            ref_fields = dict(source="file", weights_file=_plain_name(weights.name))
     elif spec.kind == "random":
         config = copy.deepcopy(open_clip.get_model_config(spec.architecture))
+        config = check_model_config(config, field=f"{spec.architecture} model config")  # it will be recorded
         preprocess, weights = {}, None
         ref_fields = dict(source="embedded")
     else:
         raise FoundationError(f"unknown foundation spec kind {spec.kind!r}", field="foundation")
 
+    if embed and spec.kind == "pretrained":  # the registry's config will be recorded: numbers only
+        config = check_model_config(config, field=f"{spec.architecture} model config")
+    # Only a registry config that is not recorded keeps open_clip's name-based choices (a SigLIP
+    # tokenizer); anything a manifest will carry is built under a content-derived name.
+    trusted = spec.kind == "pretrained" and not embed
     model, tokenizer = _build(
-        spec.architecture, config, preprocess, weights=weights, error=FoundationError
+        spec.architecture, config, preprocess, weights=weights, error=FoundationError, trusted=trusted
     )
     if weights is not None:
         _load_weights(model, weights, error=FoundationError)
@@ -341,7 +654,11 @@ def _load_spec(spec: FoundationSpec, bundle_dir, embed: bool) -> LoadedFoundatio
     return _finish(model, tokenizer, spec.architecture, ref_fields, config if keep_config else None, spec)
 
 
-def _load_reference(ref: mf.Foundation, bundle_dir) -> LoadedFoundation:
+def _load_reference(ref: mf.Foundation, bundle_dir, weights_arg=None) -> LoadedFoundation:
+    """A manifest's foundation reference -> the model. The manifest is untrusted: its model config
+    passes :func:`check_model_config` before anything is fetched or built, names are resolved only
+    in open_clip's registry, and weights are read only from the bundle, the pinned Hub repository
+    or open_clip's registry (or ``weights_arg``, the caller's own path, for a ``file`` source)."""
     import open_clip
 
     if ref.library != "open_clip":
@@ -349,58 +666,61 @@ def _load_reference(ref: mf.Foundation, bundle_dir) -> LoadedFoundation:
     preprocess = {"mean": list(ref.mean), "std": list(ref.std), "interpolation": ref.interpolation}
     manifest_file = Path(bundle_dir, mf.MANIFEST_NAME) if bundle_dir is not None else None
     if ref.source == "pretrained":
-        spec = parse_foundation_spec(f"{ref.architecture}:{ref.pretrained}")
-        loaded = _load_spec(spec, bundle_dir, embed=False)
-    elif ref.source == "hf-hub":
-        if ref.model_config:
-            config, _ = _split_config(ref.model_config, file=manifest_file, field="foundation.model_config")
-        else:
-            config, _ = _split_config(
-                _read_json(_hub_file(ref.hf_hub_id, _HF_CONFIG_NAME), kind="open_clip config"),
-                file=f"hf-hub:{ref.hf_hub_id}/{_HF_CONFIG_NAME}",
+        # Only a name of open_clip's own registry: a manifest's "x.json" or "hf-hub:..." would
+        # otherwise be read from disk or fetched by the spec parser.
+        if ref.architecture not in open_clip.list_models():
+            raise FoundationError(
+                f"architecture {ref.architecture!r} is not registered in this open_clip", file=manifest_file,
+                field="foundation.architecture", fix="upgrade open_clip, or rebuild the bundle",
             )
+        spec = parse_foundation_spec(f"{ref.architecture}:{ref.pretrained}")
+        loaded = _load_spec(spec, None, embed=False)
+    elif ref.source == "hf-hub":
+        if not ref.model_config:
+            raise ModelConfigError(
+                "an hf-hub foundation must carry its model_config: hellofmt does not fetch configs named by a manifest",
+                file=manifest_file, field="foundation.model_config", fix="rebuild the bundle with this hellofmt",
+            )
+        config = _manifest_config(ref, manifest_file)
+        if not isinstance(ref.hf_hub_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", ref.hf_hub_id):
+            raise FoundationError(f"{ref.hf_hub_id!r} is not a Hub model id", file=manifest_file,
+                                  field="foundation.hf_hub_id", fix="rebuild the bundle")
         weights = _hub_file(ref.hf_hub_id, _HF_SAFE_WEIGHTS_NAME)
         model, tokenizer = _build(ref.architecture, config, preprocess, weights=weights, error=FoundationError)
         _load_weights(model, weights, error=FoundationError)
         loaded = _finish(model, tokenizer, ref.architecture, {}, config, None)
     elif ref.source in ("file", "embedded"):
         if ref.model_config:
-            config, _ = _split_config(ref.model_config, file=manifest_file, field="foundation.model_config")
+            config = _manifest_config(ref, manifest_file)
         else:
-            config = copy.deepcopy(open_clip.get_model_config(ref.architecture))
+            # A registered architecture's config, held to the same allow-list as a manifest's.
+            known = ref.architecture in open_clip.list_models()
+            config = copy.deepcopy(open_clip.get_model_config(ref.architecture)) if known else None
             if config is None:
                 raise FoundationError(
                     f"architecture {ref.architecture!r} is not built into this open_clip and the manifest "
                     "has no model_config",
                     file=manifest_file,
                     field="foundation.model_config",
-                    fix="rebuild the bundle with a newer hellofmt, or register the config with open_clip.add_model_config",
+                    fix=(
+                        "rebuild the bundle with a newer hellofmt, or register the config with "
+                        "open_clip.add_model_config"
+                    ),
                 )
-        if not ref.weights_file:
-            raise FoundationError("missing weights_file", file=manifest_file, field="foundation.weights_file")
+            config = check_model_config(config, file=manifest_file, field="foundation.model_config")
         if ref.source == "embedded":
-            if bundle_dir is None:
-                raise FoundationError(
-                    "the weights are embedded in the bundle but no bundle directory was given",
-                    field="foundation.weights_file",
-                    fix="pass bundle_dir=, or open the bundle with Projector.from_bundle",
-                )
-            mf.check_file_name(ref.weights_file, str(manifest_file), "foundation.weights_file")
-            weights = Path(bundle_dir) / ref.weights_file
+            weights = _bundle_weights(ref, bundle_dir, manifest_file)
             error: type = TensorFileError
+        elif weights_arg is not None:
+            weights = Path(weights_arg).expanduser()
+            error = FoundationError
         else:
-            weights = Path(ref.weights_file).expanduser()
-            if not weights.is_absolute() and bundle_dir is not None and (Path(bundle_dir) / weights).is_file():
-                weights = Path(bundle_dir) / weights
+            weights = _bundle_weights(ref, bundle_dir, manifest_file)
             error = FoundationError
         _check_safetensors_name(str(weights))
         if not weights.is_file():
-            raise FoundationError(
-                "foundation weights file not found",
-                file=weights,
-                field="foundation.weights_file",
-                fix="the bundle is incomplete: download it again" if ref.source == "embedded" else "put the weights file there",
-            )
+            raise FoundationError("foundation weights file not found", file=weights, field="weights",
+                                  fix="check the path given as weights=")
         model, tokenizer = _build(ref.architecture, config, preprocess, weights=weights, error=error)
         _load_weights(model, weights, error=error, embedded=ref.source == "embedded")
         loaded = _finish(model, tokenizer, ref.architecture, {}, config, None)
@@ -417,6 +737,68 @@ def _load_reference(ref: mf.Foundation, bundle_dir) -> LoadedFoundation:
     loaded.reference = ref
     loaded.mean, loaded.std, loaded.interpolation = list(ref.mean), list(ref.std), ref.interpolation
     return loaded
+
+
+def _manifest_config(ref: mf.Foundation, manifest_file) -> dict:
+    config, _ = _split_config(ref.model_config, file=manifest_file, field="foundation.model_config")
+    return check_model_config(config, file=manifest_file, field="foundation.model_config")
+
+
+def _plain_name(name: str) -> str | None:
+    try:
+        return mf.check_file_name(name)
+    except mf.UnsafeFileNameError:
+        return None
+
+
+def _bundle_weights(ref: mf.Foundation, bundle_dir, manifest_file) -> Path:
+    """The weights file a reference names inside its bundle: a plain name, present, a regular file
+    that is not a symlink leading out of the bundle (huggingface_hub's blob store of the same
+    repository excepted, as for every bundle file)."""
+    field = "foundation.weights_file"
+    embedded = ref.source == "embedded"
+    if not ref.weights_file or bundle_dir is None:
+        if embedded:
+            raise FoundationError(
+                "missing weights_file" if not ref.weights_file
+                else "the weights are embedded in the bundle but no bundle directory was given",
+                file=manifest_file, field=field, fix="pass bundle_dir=, or open the bundle with Projector.from_bundle",
+            )
+        raise FoundationError(
+            "the foundation weights are a file the user gives at load time, and none was given",
+            file=manifest_file, field=field,
+            fix="pass weights=PATH.safetensors, or put the file in the bundle directory"
+            + (f" as {ref.weights_file}" if ref.weights_file else ""),
+        )
+    try:
+        mf.check_file_name(ref.weights_file, str(manifest_file), field)
+    except mf.UnsafeFileNameError as e:
+        if embedded:
+            raise
+        # A bundle built before names were required records a local path: never followed.
+        raise type(e)(e.message, file=e.file, field=e.field,
+                      fix="a manifest never names a path outside its bundle: pass weights=PATH.safetensors "
+                      "to give the foundation weights yourself") from None
+    root = Path(bundle_dir)
+    path = root / ref.weights_file
+    if not os.path.lexists(path):
+        raise FoundationError(
+            "foundation weights file not found", file=path, field=field,
+            fix="the bundle is incomplete: download it again" if embedded
+            else "pass weights=PATH.safetensors, or put the weights file in the bundle directory under this name",
+        )
+    try:
+        real, rroot = path.resolve(strict=True), root.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise UnsafePathError("is a broken or looping symlink", file=path, field=field) from None
+    hf_blobs = rroot.parent.parent / "blobs" if rroot.parent.name == "snapshots" else None
+    if real.parent != rroot and real.parent != hf_blobs:
+        raise UnsafePathError(f"leads out of the bundle (to {real})", file=path, field=field,
+                              fix="bundle files must be plain files inside the bundle directory; "
+                              "weights kept elsewhere are given with weights=")
+    if not real.is_file():
+        raise UnsafePathError("is not a regular file", file=path, field=field)
+    return path
 
 
 def _finish(model, tokenizer, architecture, ref_fields, config, spec) -> LoadedFoundation:
@@ -508,13 +890,16 @@ def _build(
     *,
     weights: Path | None = None,
     error: type = FoundationError,
+    trusted: bool = False,
 ) -> tuple[nn.Module, Callable]:
     import open_clip
 
-    # get_model_config("hf-hub:...") would fetch from the Hub: look only at registered names.
-    builtin = open_clip.get_model_config(architecture) if architecture in open_clip.list_models() else None
-    # A built-in name keeps open_clip's name-based tokenizer choice (e.g. SigLIP); otherwise the
-    # config is registered under a content-derived name.
+    # A trusted built-in name (a registry config that no manifest carries) keeps open_clip's
+    # name-based tokenizer choice (e.g. SigLIP). Every other config, already through
+    # check_model_config, is registered under a content-derived name ("hellofmt-<hex>"), so
+    # neither the name nor the config can select a tokenizer, a schema ("hf-hub:", "local-dir:")
+    # or anything but open_clip's local BPE tokenizer.
+    builtin = open_clip.get_model_config(architecture) if trusted and architecture in open_clip.list_models() else None
     name = architecture if builtin is not None and builtin == config else _register_config(config)
     if weights is not None:
         _check_size(name, weights, error=error)
@@ -607,7 +992,9 @@ def _split_config(obj: Any, *, file=None, field: str = "model_config") -> tuple[
     if not isinstance(pp, dict):
         pp = {}
     # "size" is left out on purpose: as in open_clip, the vision tower's own image_size wins.
-    return copy.deepcopy(model_cfg), {k: v for k, v in pp.items() if k in ("mean", "std", "interpolation", "resize_mode")}
+    return copy.deepcopy(model_cfg), {
+        k: v for k, v in pp.items() if k in ("mean", "std", "interpolation", "resize_mode")
+    }
 
 
 def _read_json(path, *, kind: str) -> Any:
@@ -643,27 +1030,79 @@ def _pretrained_weights(arch: str, tag: str, tag_cfg: dict) -> Path:
         filename = _HF_SAFE_WEIGHTS_NAME
     elif filename.endswith((".bin", ".pth", ".pt")):
         filename = filename.rsplit(".", 1)[0] + ".safetensors"
-    return _hub_file(repo, filename)
+    return _hub_file(repo, filename, spec=f"{arch}:{tag}")
 
 
-def _hub_file(repo: str, filename: str) -> Path:
-    """Download (or find in the cache) one file of a Hub model repo, with errors that say what to do."""
+_OFFLINE_FIX = (
+    "connect to the network and run again (the download is then cached); or, offline, set HF_HUB_OFFLINE=1 "
+    "with a Hugging Face cache (HF_HOME / HF_HUB_CACHE) that holds the files; or use local weights: "
+    "--foundation CONFIG.json:WEIGHTS.safetensors"
+)
+
+
+def _unreachable(err: BaseException) -> bool:
+    """Whether ``err`` means the Hub could not be reached at all (no network, DNS failure, connection
+    refused or timed out, huggingface_hub's offline mode), as opposed to an HTTP answer from it."""
+    for cls in type(err).__mro__:
+        lib = cls.__module__.split(".")[0]
+        if cls.__name__ == "OfflineModeIsEnabled":
+            return True
+        if (lib in ("httpx", "httpx2") and cls.__name__ == "TransportError") or (
+            lib == "requests" and cls.__name__ in ("ConnectionError", "Timeout")
+        ):
+            return True
+    return isinstance(err, (ConnectionError, TimeoutError))
+
+
+def _hub_file(repo: str, filename: str, spec: str | None = None) -> Path:
+    """Download (or find in the cache) one file of a Hub model repo, with errors that say what to do.
+
+    A file not in the cache costs one quick request first: with no network, ``hf_hub_download`` would
+    otherwise retry with back-off (about 25 s of "Retrying in 8s" warnings) before giving up, and its
+    error would name the internal Hub file rather than the foundation the user asked for.
+
+    Args:
+        repo: the Hub model repository (``ORG/NAME``).
+        filename: the file in it.
+        spec: the foundation as the user wrote it (``ViT-B-32:openai``), for the errors
+            (default: ``hf-hub:REPO``).
+
+    Returns:
+        The path of the file in the Hugging Face cache.
+
+    Raises:
+        FoundationError: not cached and the Hub cannot be reached (naming ``spec`` and the ways out), gated,
+            missing, or no safetensors weights.
+    """
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants as hf_constants
         from huggingface_hub import errors as hf_errors
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
     except ImportError as e:  # pragma: no cover - open_clip depends on huggingface_hub
         raise FoundationError("huggingface_hub is not installed", fix="pip install huggingface_hub") from e
     where = f"hf-hub:{repo}/{filename}"
+    name = spec or f"hf-hub:{repo}"
+
+    def offline(why: str) -> FoundationError:
+        return FoundationError(
+            f"cannot get {name}: {filename} (from the Hub model {repo}) is not in the local Hugging Face cache, "
+            f"and {why}", field="foundation", fix=_OFFLINE_FIX,
+        )
+
+    if not hf_constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(repo, filename), str):
+        try:  # one attempt, no retries: fail in seconds when there is no network
+            get_hf_file_metadata(hf_hub_url(repo, filename), timeout=hf_constants.HF_HUB_ETAG_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - only "unreachable" is decided here; the download reports the rest
+            if _unreachable(e):
+                raise offline(f"the Hub ({hf_constants.ENDPOINT}) cannot be reached: {type(e).__name__}") from None
     try:
         return Path(hf_hub_download(repo_id=repo, filename=filename))
     except hf_errors.LocalEntryNotFoundError:
-        raise FoundationError(
-            "not in the local Hugging Face cache, and the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1)",
-            file=where,
-            fix="run once with network access to populate the cache (HF_HOME / HF_HUB_CACHE)",
-        ) from None
+        raise offline("the Hub cannot be reached (no network, or HF_HUB_OFFLINE=1)") from None
     except hf_errors.GatedRepoError:
-        raise FoundationError("the repository is gated", file=where, fix="accept its terms on the Hub and set HF_TOKEN") from None
+        raise FoundationError(
+            "the repository is gated", file=where, fix="accept its terms on the Hub and set HF_TOKEN"
+        ) from None
     except hf_errors.RepositoryNotFoundError:
         raise FoundationError(
             "no such model repository on the Hub (or it is private)",
@@ -679,7 +1118,9 @@ def _hub_file(repo: str, filename: str) -> Path:
             ) from None
         raise FoundationError("file not found in the repository", file=where) from None
     except (hf_errors.HfHubHTTPError, OSError, ValueError) as e:
-        raise FoundationError(f"download failed: {e}", file=where, fix="check the network, or set HF_HUB_OFFLINE=1 to use the cache") from None
+        raise FoundationError(
+            f"download failed: {e}", file=where, fix="check the network, or set HF_HUB_OFFLINE=1 to use the cache"
+        ) from None
 
 
 def _as(error: type, e: TensorFileError) -> Exception:
@@ -736,7 +1177,9 @@ def _load_weights(model: nn.Module, path: Path, *, error: type, embedded: bool =
             parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
         if wrong:
             k = wrong[0]
-            parts.append(f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+            parts.append(
+                f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
+            )
         raise error(
             "the weights do not fit the model config: " + "; ".join(parts),
             file=path,
@@ -767,7 +1210,12 @@ def _adapt_state(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor
         pass
     for key in ("logit_scale", "logit_bias"):
         own = getattr(model, key, None)
-        if key in state and isinstance(own, Tensor) and state[key].ndim != own.ndim and state[key].numel() == own.numel():
+        if (
+            key in state
+            and isinstance(own, Tensor)
+            and state[key].ndim != own.ndim
+            and state[key].numel() == own.numel()
+        ):
             state[key] = state[key].reshape(own.shape)
     if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None and "logit_scale" in state:
         state["logit_bias"] = torch.zeros_like(state["logit_scale"])

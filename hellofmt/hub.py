@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 from .errors import (
@@ -33,7 +34,7 @@ from .errors import (
 from .manifest import CARD_NAME, MANIFEST_NAME
 from .summary import format_bytes, ratio_text, summarize
 
-__all__ = ["REPO_TYPE", "is_hub_id", "parse_hub_id", "pull", "push", "dataset_card"]
+__all__ = ["REPO_TYPE", "is_hub_id", "parse_hub_id", "local_bundle", "pull", "push", "dataset_card"]
 
 REPO_TYPE = "dataset"
 _HF_PREFIX = "hf://datasets/"
@@ -82,6 +83,46 @@ def is_hub_id(source: str | os.PathLike[str]) -> bool:
     except (InputError, TypeError):
         return False
     return True
+
+
+def local_bundle(source: str | os.PathLike[str], *, verify: bool = True) -> Path:
+    """The local directory of the bundle ``source`` names, as ``hellofmt info`` and ``verify`` take it.
+
+    A local directory is returned as it is; a Hub id (``user/name``, as :class:`~hellofmt.DistilledDataset`
+    accepts) that is not a local directory is pulled through the Hugging Face cache (:func:`pull`: one
+    download, then offline from the cache); a file, such as ``bundle/hellofmt.json``, is refused with
+    its folder as the fix.
+
+    Args:
+        source: a bundle directory or a Hub id.
+        verify: for a Hub id, check every downloaded file's sha256 (see :func:`pull`).
+
+    Returns:
+        The bundle directory.
+
+    Raises:
+        BundleNotFoundError: ``source`` is a file, or neither a directory nor a Hub id.
+        HubError: the Hub id could not be pulled (see :func:`pull`).
+    """
+    text = os.fspath(source)
+    if os.path.isdir(text):
+        return Path(text)
+    if os.path.isfile(text):
+        folder = os.path.dirname(text) or "."
+        raise BundleNotFoundError(
+            "is a file; a bundle is the directory that holds hellofmt.json and its files",
+            file=text, fix=f"pass the folder: {folder}",
+        )
+    if is_hub_id(text):
+        try:
+            return pull(text, verify=verify)
+        except (HubError, BundleNotFoundError) as e:  # perhaps a mistyped local path: say both
+            raise type(e)(f"no local directory {text!r}; as a Hub dataset: {e.message}", file=e.file,
+                          field=e.field, fix=e.fix) from None
+    raise BundleNotFoundError(
+        "no such bundle directory, and not a Hub id (user/name)", file=text,
+        fix="give the path of a directory holding hellofmt.json, or a Hub dataset id (hellofmt pull USER/NAME DIR)",
+    )
 
 
 def _repo_id_and_revision(repo_id: str, revision: str | None) -> tuple[str, str | None]:
@@ -279,6 +320,9 @@ def pull(
             if MANIFEST_NAME not in {s.rfilename for s in info.siblings}:
                 raise _not_a_bundle(repo_id, revision)
 
+    # A folder pull creates is pull's to remove if the download fails; a folder the user already
+    # had is left alone (its files may be the user's own).
+    created = local_dir is not None and not os.path.lexists(local_dir)
     try:
         path = snapshot_download(
             repo_id,
@@ -290,20 +334,41 @@ def pull(
             ignore_patterns=list(_GIT_FILES),
         )
     except hub_errors as e:
+        _remove_created(local_dir, created)
         raise _translate(e, repo_id, revision, token, writing=False) from None
+    except (ValueError, OSError) as e:
+        # huggingface_hub refuses a repository file name that would escape the folder ("Invalid
+        # filename": '..', absolute) with a ValueError, and the filesystem its own (a name too long).
+        _remove_created(local_dir, created)
+        raise HubError(
+            f"cannot download the repository: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}",
+            file=where, fix="the repository holds a file name that is not a plain bundle file name: it is not a "
+            "valid bundle (tell its owner)",
+        ) from None
 
     path = Path(path)
     if not (path / MANIFEST_NAME).is_file():
+        _remove_created(local_dir, created)
         raise _not_a_bundle(repo_id, revision)
     try:
-        Bundle.open(path, verify=verify)
+        Bundle.open(path, verify=verify).close()
     except (IntegrityError, MissingFileError) as e:
+        _remove_created(local_dir, created)
         raise type(e)(
             f"{e.message} (downloaded from {where})", file=e.file, field=e.field,
             fix="pull again with force_download=True (--force-download); if it persists, the files on the "
             "Hub were changed without their manifest: tell the repository owner",
         ) from None
+    except HellofmtError:
+        _remove_created(local_dir, created)
+        raise
     return path
+
+
+def _remove_created(local_dir, created: bool) -> None:
+    """Remove the download folder after a failed pull, only if pull created it."""
+    if created and local_dir is not None and os.path.isdir(local_dir) and not os.path.islink(local_dir):
+        shutil.rmtree(local_dir, ignore_errors=True)
 
 
 def _server_error(err: BaseException) -> bool:
@@ -482,15 +547,20 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
         f"| Stored soft labels it replaces | {_bytes(lp['stored_label_bytes'])} "
         f"({lp['stored_label_rule']}) |",
         f"| Ratio | the label payload is {ratio_text(ratio)} |",
-        "",
-        "## Fidelity", "",
     ]
+    emb = s.get("embedded_foundation")
+    if emb:
+        lines.append(f"| Embedded foundation | {_bytes(emb['bytes'])} (`{_md(emb['file'])}`): the bundle carries its "
+                     "foundation model's weights, a fixed cost of the model, not of the labels, and not part of "
+                     "the ratio |")
+    lines += ["", "## Fidelity", ""]
     if m.metrics:
         lines += ["How closely the projector reproduces the teacher (measured by the builder):", "",
                   "| metric | value |", "|---|---|"]
         lines += [f"| {_md(k)} | {v:.4g} |" for k, v in sorted(m.metrics.items())]
     else:
         lines.append("The builder recorded no fidelity metrics.")
+    lines += _card_evaluations(s["evaluations"])
     shown = m.classes[:1000]
     more = f", and {m.num_classes - len(shown):,} more (see `hellofmt.json`)" if m.num_classes > len(shown) else ""
     usage_id = repo_id or "USER/NAME"
@@ -502,7 +572,7 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
         "from hellofmt import DistilledDataset",
         "",
         f'ds = DistilledDataset("{usage_id}", device="cuda")  # downloads, checks every sha256, caches',
-        f'for images, soft, hard in ds.loader(batch_size=256, image_size={fd["image_size"]}, mix="cutmix", seed=0):',
+        'for images, soft, hard in ds.loader(batch_size=256, mix="cutmix", seed=0):  # views at the images\' side',
         "    ...  # images in [0, 1] on the device; soft: the projector's labels for exactly these views",
         "```", "",
         f"Or on the command line: `hellofmt pull {usage_id} DIR`, then `hellofmt info DIR`. Once pulled, the "
@@ -519,3 +589,25 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
               + (f"; teacher(s): {', '.join(_md(t) for t in prov.teachers)}" if prov.teachers else "")
               + (f"; seed {prov.seed}" if prov.seed is not None else "") + ".", ""]
     return "\n".join(lines)
+
+
+def _card_evaluations(evaluations: list[dict]) -> list[str]:
+    """The card's "Student evaluations" section, from :func:`~hellofmt.summary.summarize`'s ``evaluations``."""
+    if not evaluations:
+        return []
+    arms = [a for a in ("bundle", "hard", "teacher", "random") if any(a in e["arms"] for e in evaluations)]
+    arms += sorted({a for e in evaluations for a in e["arms"]} - set(arms))
+    out = ["", "## Student evaluations", "",
+           "Students trained on the same views, steps and seeds with each labelling (`hellofmt eval`): the bundle's "
+           "labels, hard labels, the teacher online (upper bound) and a random real subset of the same size "
+           "labelled by the same projector (the control). Top-1 on held-out images, mean ± std over seeds.", "",
+           "| protocol | student | seeds | val images | " + " | ".join(arms) + " | IOR (bundle - random) |",
+           "|---|---|---:|---:|" + "---:|" * len(arms) + "---:|"]
+    for e in evaluations:
+        cells = [f"{100 * e['arms'][a]['mean']:.1f} ± {100 * e['arms'][a]['std']:.1f}" if a in e["arms"] else "-"
+                 for a in arms]
+        ior = e["comparisons"].get("ior")
+        val = f"{e['val_count']:,}" if e.get("val_count") is not None else "-"
+        out.append(f"| {_md(e['protocol'])} | {_md(e['student'])} | {len(e['seeds'])} | {val} | "
+                   + " | ".join(cells) + f" | {f'{100 * ior:+.1f}' if ior is not None else '-'} |")
+    return out

@@ -27,6 +27,7 @@ from safetensors.torch import save
 
 from .errors import ImageDecodeError, ImageStoreError, InputError, TensorFileError
 from .manifest import CODECS, MAX_HEADER_BYTES, MAX_IMAGE_COUNT, MAX_IMAGE_SIDE, MAX_SHARD_BYTES
+
 # Re-exported: they lived here before the one checked reader got its own module.
 from .tensorfile import load_safetensors, read_safetensors_header
 
@@ -219,7 +220,11 @@ def encode_shards(
             offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0)
         data = torch.frombuffer(bytearray().join(encoded[i] for i in idx), dtype=torch.uint8) if sum(lengths) \
             else torch.empty(0, dtype=torch.uint8)
-        tensors = {"data": data, "offsets": offsets, "labels": labels[idx] if idx else torch.empty(0, dtype=torch.int64)}
+        tensors = {
+            "data": data,
+            "offsets": offsets,
+            "labels": labels[idx] if idx else torch.empty(0, dtype=torch.int64),
+        }
         yield shard_name(k, len(groups)), len(idx), save(tensors, metadata={**meta, "count": str(len(idx))})
 
 
@@ -288,7 +293,9 @@ def read_shard(
     header = read_safetensors_header(path, file=file, max_bytes=MAX_SHARD_BYTES + MAX_HEADER_BYTES)
 
     def bad(field: str, msg: str) -> ImageStoreError:
-        return ImageStoreError(msg, file=file, field=field, fix="the shard is corrupt: re-download or rebuild the bundle")
+        return ImageStoreError(
+            msg, file=file, field=field, fix="the shard is corrupt: re-download or rebuild the bundle"
+        )
 
     want = {"data": "U8", "offsets": "I64", "labels": "I64"}
     for name, dtype in want.items():

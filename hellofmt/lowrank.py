@@ -24,6 +24,12 @@ Two forms:
 * **inference form** (:func:`merge_`, or :func:`remove` with ``merge=True``): ``dW`` is added into
   the weights in place once, so a forward costs exactly what the plain model costs.
 
+Saved deltas are stored in one of the encodings of spec 5.1 (the manifest's ``projector.dtype``):
+``float32``, ``float16``, ``bfloat16``, or ``int8``, symmetric with one float32 scale per row
+(:func:`quantize_int8`; the scale sits beside its tensor as ``<name>.lora_A.scale``). Files are
+checked against their encoding (:func:`check_delta_tensors`) and decoded to float32
+(:func:`decode_delta_tensors`) before any ``dW`` is computed; :func:`encode_delta_tensors` writes them.
+
 Target names are parameter names as ``model.named_parameters()`` gives them on the *plain* model
 (``visual.transformer.resblocks.0.attn.in_proj_weight``); names are the same whether or not deltas
 are attached, because the ``parametrizations.<attr>.original`` spelling is mapped back.
@@ -40,7 +46,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import ProjectorError
-from .manifest import LowRankTarget
+from .manifest import DELTA_ENCODINGS, QUANTIZED_ENCODINGS, SCALE_SUFFIX, LowRankTarget
 
 __all__ = [
     "DEFAULT_TARGETS",
@@ -55,6 +61,10 @@ __all__ = [
     "remove",
     "deltas_of",
     "delta_tensors",
+    "quantize_int8",
+    "dequantize_int8",
+    "encode_delta_tensors",
+    "decode_delta_tensors",
     "check_delta_tensors",
     "load_deltas",
     "merge_",
@@ -94,6 +104,8 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 HEAD_PREFIX = "head."
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Symmetric int8: values in [-INT8_MAX, INT8_MAX]; -128 is never written, so negating a value is exact.
+INT8_MAX = 127
 _FIX_REBUILD = "the projector file does not fit the manifest: rebuild the bundle"
 
 
@@ -293,7 +305,7 @@ class LowRankDelta(nn.Module):
     @classmethod
     def from_tensors(
         cls, lora_A: Tensor, lora_B: Tensor, alpha: float, shape: Sequence[int] | torch.Size, *, trainable: bool = False
-    ) -> "LowRankDelta":
+    ) -> LowRankDelta:
         """A delta holding copies of ``lora_A``/``lora_B`` (shapes checked by :func:`delta_weight`)."""
         _check_ab(lora_A, lora_B, shape)
         # init=False: loading saved deltas must not consume the global random stream.
@@ -475,20 +487,142 @@ def remove(model: nn.Module, *, merge: bool) -> None:
                 merged.add(name)
 
 
-def delta_tensors(deltas: Mapping[str, LowRankDelta], *, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+def delta_tensors(
+    deltas: Mapping[str, LowRankDelta], *, dtype: torch.dtype | None = None, encoding: str | None = None
+) -> dict[str, Tensor]:
     """``{"<name>.lora_A": [r, in], "<name>.lora_B": [out, r]}`` for saving: detached, contiguous
-    CPU copies (cast to ``dtype`` when given), ready for ``safetensors.torch.save_file``."""
+    CPU copies, ready for ``safetensors.torch.save_file``.
+
+    Args:
+        deltas: the deltas by target name (:func:`attach`, :func:`deltas_of`).
+        dtype: cast the copies to this dtype (default: the deltas' own).
+        encoding: instead, encode them for a projector file (:func:`encode_delta_tensors`): one of
+            :data:`~hellofmt.manifest.DELTA_ENCODINGS`; ``int8`` adds each tensor's ``.scale``.
+    """
     out: dict[str, Tensor] = {}
     for name, d in deltas.items():
         for key, p in (("lora_A", d.lora_A), ("lora_B", d.lora_B)):
             t = p.detach().to("cpu", dtype=dtype or p.dtype).contiguous().clone()
             out[f"{name}.{key}"] = t
+    return encode_delta_tensors(out, encoding) if encoding is not None else out
+
+
+# --------------------------------------------------------------------------------------------------
+# Encodings (spec 5.1): float32, float16, bfloat16, int8 (symmetric, one float32 scale per row)
+# --------------------------------------------------------------------------------------------------
+def _encoding(dtype: str | torch.dtype | None, file=None) -> str | None:
+    """The encoding name for a ``projector.dtype`` value (a torch dtype is taken by its name)."""
+    if dtype is None:
+        return None
+    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
+    if name not in DELTA_ENCODINGS:
+        raise ProjectorError(
+            f"unknown delta encoding {name!r} (known: {', '.join(DELTA_ENCODINGS)})",
+            file=file,
+            field="projector.dtype",
+            fix="use one of the known encodings; a bundle naming another was written by a newer hellofmt: upgrade",
+        )
+    return name
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 with one scale per row of the matrix ``x`` ``[rows, cols]``.
+
+    ``scale[i] = max_j |x[i, j]| / 127`` (1 for an all-zero row, so that every scale is positive) and
+    ``q = round(x / scale)`` in ``[-127, 127]``; :func:`dequantize_int8` gives back ``x`` within half
+    a step (``scale / 2``) per element. Computed in float32 on ``x``'s device.
+
+    Returns:
+        ``(q, scale)``: int8 ``[rows, cols]`` and float32 ``[rows]``, contiguous.
+
+    Raises:
+        ProjectorError: ``x`` is not a 2-D floating-point tensor, or holds NaN or infinite values.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 2 or not x.dtype.is_floating_point:
+        raise ProjectorError(f"int8 encoding needs a 2-D floating-point matrix, got {getattr(x, 'shape', x)!r}")
+    x = x.detach().to(torch.float32)
+    if not bool(torch.isfinite(x).all()):
+        raise ProjectorError("cannot encode NaN or infinite delta values", fix="the deltas diverged: retrain them")
+    amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(x / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    """The float32 matrix ``q * scale[:, None]`` (spec 5.1's dequantisation rule), on ``q``'s device."""
+    return q.to(torch.float32) * scale.to(q.device, torch.float32)[:, None]
+
+
+def encode_delta_tensors(tensors: Mapping[str, Tensor], encoding: str) -> dict[str, Tensor]:
+    """Float ``lora_A``/``lora_B`` tensors (any names, e.g. :func:`delta_tensors`' or the head's) as
+    a projector file stores them in ``encoding``: cast (``float32``, ``float16``, ``bfloat16``), or
+    :func:`quantize_int8` with the scale beside each as ``<name>.scale`` (``int8``). Detached,
+    contiguous CPU tensors.
+
+    Raises:
+        ProjectorError: an unknown encoding, a tensor that is not a floating-point tensor, a name that
+            already ends in ``.scale`` (the input is encoded already), or NaN/inf values for int8.
+    """
+    enc = _encoding(encoding)
+    out: dict[str, Tensor] = {}
+    for name, x in tensors.items():
+        if name.endswith(SCALE_SUFFIX) or not isinstance(x, Tensor) or not x.dtype.is_floating_point:
+            raise ProjectorError(
+                "expected float lora tensors to encode", field=name,
+                fix="decode an encoded file first (hellofmt.lowrank.decode_delta_tensors)",
+            )
+        x = x.detach().to("cpu")
+        if enc in QUANTIZED_ENCODINGS:
+            q, scale = quantize_int8(x)
+            out[name] = q
+            out[name + SCALE_SUFFIX] = scale
+        else:
+            out[name] = x.to(_DTYPES[enc]).contiguous().clone()
+    return out
+
+
+def decode_delta_tensors(tensors: Mapping[str, Tensor], encoding: str | None) -> dict[str, Tensor]:
+    """A projector file's tensors in ``encoding`` as float32 ``lora_A``/``lora_B`` (scales applied
+    and dropped); ``None``: cast each tensor to float32. Checks nothing: call
+    :func:`check_delta_tensors` first (as :func:`load_deltas` and :func:`merge_` do)."""
+    quantized = _encoding(encoding) in QUANTIZED_ENCODINGS
+    out: dict[str, Tensor] = {}
+    for name, x in tensors.items():
+        if name.endswith(SCALE_SUFFIX) and quantized:
+            continue
+        out[name] = dequantize_int8(x, tensors[name + SCALE_SUFFIX]) if quantized else x.to(torch.float32)
     return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Loading and merging
 # --------------------------------------------------------------------------------------------------
+_DISAGREE = "the manifest's projector.dtype and the file disagree on the encoding: rebuild or re-encode the bundle"
+
+
+def _check_scale(tensors: Mapping[str, Tensor], key: str, rows: int, file) -> None:
+    """The per-row scale of the int8 tensor ``key``: float32 ``[rows]``, finite, > 0."""
+    skey = key + SCALE_SUFFIX
+    if skey not in tensors:
+        raise ProjectorError("missing tensor: int8 deltas need one float32 scale per row beside each tensor",
+                             file=file, field=skey, fix=_FIX_REBUILD)
+    s = tensors[skey]
+    if not isinstance(s, Tensor):
+        raise ProjectorError(f"expected a tensor, got {type(s).__name__}", file=file, field=skey)
+    if s.dtype != torch.float32:
+        raise ProjectorError(f"dtype {str(s.dtype).removeprefix('torch.')}, int8 scales are float32",
+                             file=file, field=skey, fix=_FIX_REBUILD)
+    if tuple(s.shape) != (rows,):
+        raise ProjectorError(f"shape {list(s.shape)}, expected one scale per row of {key}: [{rows}]",
+                             file=file, field=skey, fix=_FIX_REBUILD)
+    if not bool(torch.isfinite(s).all()):
+        raise ProjectorError("contains NaN or infinite scales", file=file, field=skey, fix=_FIX_REBUILD)
+    if rows and not bool((s > 0).all()):
+        raise ProjectorError(f"scale {float(s.min()):g} is not > 0: every int8 scale must be positive",
+                             file=file, field=skey, fix=_FIX_REBUILD)
+
+
 def check_delta_tensors(
     tensors: Mapping[str, Tensor],
     targets: Sequence[LowRankTarget],
@@ -500,18 +634,21 @@ def check_delta_tensors(
 ) -> None:
     """Check a projector file's tensors against the manifest's targets (and ``model`` if given).
 
-    Raises :class:`ProjectorError` naming ``file`` and the tensor for: a target without its
-    ``lora_A``/``lora_B``; a tensor no target accounts for (names under ``ignore_prefixes``, the
-    head delta's, are skipped); a value that is not a tensor; a dtype that is not floating, differs
-    between A and B, or differs from ``dtype`` (the manifest's ``projector.dtype``); shapes other
-    than ``[rank, in]``/``[out, rank]``; a rank disagreeing with the manifest's; non-finite values;
-    and, with ``model``, a target missing from the model or of another shape there. Used by
-    :func:`load_deltas` and :func:`merge_`; callable without a model (``hellofmt verify``).
+    ``dtype`` is the manifest's ``projector.dtype``, the delta encoding (spec 5.1); ``None`` accepts
+    float tensors of any one dtype. Raises :class:`ProjectorError` naming ``file`` and the tensor
+    for: an unknown encoding; a target without its ``lora_A``/``lora_B`` (or, for ``int8``, their
+    ``.scale``); a tensor no target accounts for (names under ``ignore_prefixes``, the head delta's,
+    are skipped), including a scale under a float encoding; a value that is not a tensor; a dtype
+    other than the encoding's (``int8`` for int8, else floating, the same for A and B, and equal
+    to ``dtype`` when given); shapes other than ``[rank, in]``/``[out, rank]``; a rank disagreeing
+    with the manifest's; non-finite values, or an int8 value of -128 (the encoding is symmetric);
+    scales that are not float32 ``[rows]``, finite and > 0; and, with ``model``, a target missing
+    from the model or of another shape there. Used by :func:`load_deltas` and :func:`merge_`;
+    callable without a model (``hellofmt verify``).
     """
-    if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ProjectorError(f"unknown dtype {dtype!r}", file=file, field="projector.dtype")
-        dtype = _DTYPES[dtype]
+    enc = _encoding(dtype, file)
+    quantized = enc in QUANTIZED_ENCODINGS
+    want_dtype = _DTYPES.get(enc) if enc is not None else None
     if len({t.name for t in targets}) != len(targets):
         raise ProjectorError("a target is listed twice", file=file, field="projector.targets")
     expected: dict[str, LowRankTarget] = {}
@@ -521,6 +658,13 @@ def check_delta_tensors(
     for key in tensors:
         if key.startswith(ignore_prefixes):
             continue
+        if quantized and key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in expected:
+            continue
+        if key.endswith(SCALE_SUFFIX) and key[: -len(SCALE_SUFFIX)] in expected:
+            raise ProjectorError(
+                f"an int8 scale, but the manifest's projector.dtype is {enc or 'a float encoding'}, which stores none",
+                file=file, field=key, fix=_DISAGREE,
+            )
         if key not in expected:
             raise ProjectorError(
                 "unexpected tensor: no target in the manifest's projector.targets accounts for it",
@@ -539,15 +683,22 @@ def check_delta_tensors(
             _check_target_fits(model, t, file=file)
         for key, want in ((f"{t.name}.lora_A", (t.rank, in_f)), (f"{t.name}.lora_B", (out_f, t.rank))):
             if key not in tensors:
-                raise ProjectorError("missing tensor for a target of the manifest", file=file, field=key, fix=_FIX_REBUILD)
+                raise ProjectorError(
+                    "missing tensor for a target of the manifest", file=file, field=key, fix=_FIX_REBUILD
+                )
             x = tensors[key]
             if not isinstance(x, Tensor):
                 raise ProjectorError(f"expected a tensor, got {type(x).__name__}", file=file, field=key)
-            if not x.dtype.is_floating_point:
-                raise ProjectorError(f"dtype {x.dtype} is not a floating-point type", file=file, field=key, fix=_FIX_REBUILD)
-            if dtype is not None and x.dtype != dtype:
+            got = str(x.dtype).removeprefix("torch.")
+            if quantized and x.dtype != torch.int8:
+                raise ProjectorError(f"dtype {got}, but the manifest's projector.dtype int8 needs int8 tensors",
+                                     file=file, field=key, fix=_DISAGREE)
+            if not quantized and not x.dtype.is_floating_point:
+                fix = _DISAGREE if x.dtype == torch.int8 else _FIX_REBUILD
+                raise ProjectorError(f"dtype {got} is not a floating-point type", file=file, field=key, fix=fix)
+            if want_dtype is not None and x.dtype != want_dtype:
                 raise ProjectorError(
-                    f"dtype {x.dtype} differs from the manifest's projector.dtype {dtype}",
+                    f"dtype {got} differs from the manifest's projector.dtype {enc}",
                     file=file,
                     field=key,
                     fix=_FIX_REBUILD,
@@ -561,7 +712,12 @@ def check_delta_tensors(
                 else:
                     msg = f"shape {list(x.shape)}, expected {which} = {list(want)}"
                 raise ProjectorError(msg, file=file, field=key, fix=_FIX_REBUILD)
-            if not bool(torch.isfinite(x).all()):
+            if quantized:
+                if x.numel() and int(x.min()) < -INT8_MAX:
+                    raise ProjectorError(f"value {int(x.min())} is outside the symmetric int8 range "
+                                         f"[-{INT8_MAX}, {INT8_MAX}]", file=file, field=key, fix=_FIX_REBUILD)
+                _check_scale(tensors, key, want[0], file)
+            elif not bool(torch.isfinite(x).all()):
                 raise ProjectorError("contains NaN or infinite values", file=file, field=key, fix=_FIX_REBUILD)
         a, b = tensors[f"{t.name}.lora_A"], tensors[f"{t.name}.lora_B"]
         if a.dtype != b.dtype:
@@ -580,21 +736,30 @@ def load_deltas(
     dtype: str | torch.dtype | None = None,
 ) -> dict[str, LowRankDelta]:
     """Attach saved deltas to ``model`` in the training form (parametrized, not merged); returns
-    them by target name. Everything is checked first (:func:`check_delta_tensors`), so a bad file
-    leaves ``model`` untouched. ``trainable=True`` makes A and B trainable (to resume training);
-    bases are frozen either way. Tensors are copied to each target's device as float32."""
+    them by target name. ``dtype`` is the file's encoding (the manifest's ``projector.dtype``).
+    Everything is checked first (:func:`check_delta_tensors`), so a bad file leaves ``model``
+    untouched. ``trainable=True`` makes A and B trainable (to resume training); bases are frozen
+    either way. Tensors are dequantised or cast to float32 (:func:`decode_delta_tensors`) and copied
+    to each target's device."""
     check_delta_tensors(tensors, targets, file=file, dtype=dtype, model=model)
     _refuse_merged(model, targets, file)
+    decoded = decode_delta_tensors(_own(tensors, targets), dtype)
     deltas: dict[str, LowRankDelta] = {}
     for t in targets:
         module, attr, base = _lookup(model, t.name)
         # float32 like merge_, so the training and inference forms of a half-precision file agree.
-        a = tensors[f"{t.name}.lora_A"].to(base.device, torch.float32)
-        b = tensors[f"{t.name}.lora_B"].to(base.device, torch.float32)
+        a = decoded[f"{t.name}.lora_A"].to(base.device, torch.float32)
+        b = decoded[f"{t.name}.lora_B"].to(base.device, torch.float32)
         delta = LowRankDelta.from_tensors(a, b, t.alpha, t.shape, trainable=trainable)
         _register(module, attr, delta)
         deltas[t.name] = delta
     return deltas
+
+
+def _own(tensors: Mapping[str, Tensor], targets: Sequence[LowRankTarget]) -> dict[str, Tensor]:
+    """The tensors of ``targets`` (with their scales), leaving out the head's."""
+    names = {t.name for t in targets}
+    return {k: v for k, v in tensors.items() if k.removesuffix(SCALE_SUFFIX).rpartition(".")[0] in names}
 
 
 def merge_(
@@ -605,21 +770,24 @@ def merge_(
     file=None,
     dtype: str | torch.dtype | None = None,
 ) -> None:
-    """Inference form: ``W += dW`` in place for every target, once. Everything is checked first
-    (:func:`check_delta_tensors`), so a bad file leaves ``model`` untouched.
+    """Inference form: ``W += dW`` in place for every target, once. ``dtype`` is the file's encoding
+    (the manifest's ``projector.dtype``). Everything is checked first (:func:`check_delta_tensors`),
+    so a bad file leaves ``model`` untouched.
 
-    ``dW`` is computed in float32 and added to ``W`` in float32 before rounding back to ``W``'s
-    dtype, so a half-precision base loses no more than one rounding. Merging a target a second time
-    (or one that carries a parametrization) raises :class:`ProjectorError`.
+    The deltas are dequantised or cast to float32 first (:func:`decode_delta_tensors`); ``dW`` is
+    computed in float32 and added to ``W`` in float32 before rounding back to ``W``'s dtype, so a
+    half-precision base loses no more than one rounding. Merging a target a second time (or one
+    that carries a parametrization) raises :class:`ProjectorError`.
     """
     check_delta_tensors(tensors, targets, file=file, dtype=dtype, model=model)
     _refuse_merged(model, targets, file)
+    decoded = decode_delta_tensors(_own(tensors, targets), dtype)
     merged = _merged_names(model)
     with torch.no_grad():
         for t in targets:
             _, _, base = _lookup(model, t.name)
-            a = tensors[f"{t.name}.lora_A"].to(base.device, torch.float32)
-            b = tensors[f"{t.name}.lora_B"].to(base.device, torch.float32)
+            a = decoded[f"{t.name}.lora_A"].to(base.device, torch.float32)
+            b = decoded[f"{t.name}.lora_B"].to(base.device, torch.float32)
             dw = delta_weight(a, b, t.alpha, t.shape)
             base.copy_((base.float() + dw).to(base.dtype))
             merged.add(t.name)

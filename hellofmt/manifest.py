@@ -32,6 +32,7 @@ __all__ = [
     "MAX_IMAGE_SIDE",
     "MAX_IMAGE_COUNT",
     "MAX_SHARD_BYTES",
+    "MAX_FILE_NAME_BYTES",
     "CODECS",
     "UnsafeFileNameError",
     "check_file_name",
@@ -70,6 +71,7 @@ MAX_IMAGE_SIDE = 4096
 MAX_IMAGE_COUNT = 10_000_000
 MAX_SHARD_BYTES = 4 * 1024**3
 MAX_CLASSES = 100_000
+MAX_FILE_NAME_BYTES = 255  # NAME_MAX of common filesystems: a longer name fails with ENAMETOOLONG
 
 CODECS = ("png", "jpeg", "webp", "raw")
 FOUNDATION_SOURCES = ("pretrained", "hf-hub", "file", "embedded")
@@ -206,7 +208,7 @@ class _Reader:
             raise self.error(key, f"expected an object, got {_kind(v)}")
         return v
 
-    def sub(self, key: str, required: bool = True) -> "_Reader | None":
+    def sub(self, key: str, required: bool = True) -> _Reader | None:
         v = self.raw(key, required)
         if v is None:
             return None
@@ -275,13 +277,15 @@ def check_file_name(name: str, file: str | None = None, field_path: str = "files
         or name.startswith("~")
         or os.path.isabs(name)
         or ":" in name
+        or len(name.encode("utf-8", "surrogatepass")) > MAX_FILE_NAME_BYTES
     )
     if bad:
         raise UnsafeFileNameError(
             f"unsafe file name {name!r}: bundle files are plain names inside the bundle directory",
             file=file,
             field=field_path,
-            fix="file names may not contain '/', '\\', '..' or ':' nor be absolute",
+            fix=f"file names may not contain '/', '\\', '..' or ':' nor be absolute, and are at most "
+            f"{MAX_FILE_NAME_BYTES} bytes",
         )
     return name
 
@@ -298,7 +302,7 @@ class FileEntry:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "FileEntry":
+    def parse(cls, r: _Reader) -> FileEntry:
         sha = r.str("sha256")
         if not _HEX64.match(sha):
             raise r.error("sha256", "expected 64 lowercase hex characters")
@@ -330,7 +334,7 @@ class Foundation:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "Foundation":
+    def parse(cls, r: _Reader) -> Foundation:
         source = r.str("source", choices=FOUNDATION_SOURCES)
         sha = r.str("weights_sha256")
         if not _HEX64.match(sha):
@@ -368,12 +372,14 @@ class Head:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "Head":
+    def parse(cls, r: _Reader) -> Head:
         templates = r.str_list("templates", nonempty=True)
         for i, t in enumerate(templates):
             if "{}" not in t and "{c}" not in t:
                 raise ManifestError(
-                    "template has no '{}' placeholder for the class name", file=r.file, field=f"{r._p('templates')}[{i}]"
+                    "template has no '{}' placeholder for the class name",
+                    file=r.file,
+                    field=f"{r._p('templates')}[{i}]",
                 )
         return cls(
             source=r.str("source", choices=("zeroshot",)),
@@ -394,7 +400,7 @@ class LowRankTarget:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "LowRankTarget":
+    def parse(cls, r: _Reader) -> LowRankTarget:
         t = cls(
             name=r.str("name"),
             rank=r.int("rank", lo=1, hi=4096),
@@ -414,7 +420,7 @@ class HeadDelta:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "HeadDelta":
+    def parse(cls, r: _Reader) -> HeadDelta:
         return cls(rank=r.int("rank", lo=1, hi=4096), alpha=r.float("alpha", positive=True), extra=r.extra(_names(cls)))
 
 
@@ -484,7 +490,7 @@ class ProjectorInfo:
         return out
 
     @classmethod
-    def parse(cls, r: _Reader) -> "ProjectorInfo":
+    def parse(cls, r: _Reader) -> ProjectorInfo:
         targets = []
         for i, t in enumerate(r.list("targets")):
             targets.append(LowRankTarget.parse(_Reader(t, f"{r._p('targets')}[{i}]", r.file)))
@@ -517,7 +523,7 @@ class Shard:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "Shard":
+    def parse(cls, r: _Reader) -> Shard:
         file = r.str("file")
         check_file_name(file, r.file, r._p("file"))
         return cls(file=file, count=r.int("count", lo=0, hi=MAX_IMAGE_COUNT), extra=r.extra(_names(cls)))
@@ -537,7 +543,7 @@ class ImagesInfo:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "ImagesInfo":
+    def parse(cls, r: _Reader) -> ImagesInfo:
         shards = [Shard.parse(_Reader(s, f"{r._p('shards')}[{i}]", r.file)) for i, s in enumerate(r.list("shards"))]
         info = cls(
             count=r.int("count", lo=0, hi=MAX_IMAGE_COUNT),
@@ -571,7 +577,7 @@ class LabelRecipe:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "LabelRecipe":
+    def parse(cls, r: _Reader) -> LabelRecipe:
         rec = cls(
             temperature=r.float("temperature", positive=True),
             augmentation=r.str("augmentation"),
@@ -597,7 +603,7 @@ class Provenance:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "Provenance":
+    def parse(cls, r: _Reader) -> Provenance:
         return cls(
             hellofmt_version=r.str("hellofmt_version"),
             created=r.str("created"),
@@ -621,7 +627,7 @@ class ProbeView:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "ProbeView":
+    def parse(cls, r: _Reader) -> ProbeView:
         v = cls(
             image=r.int("image", lo=0),
             box=r.float_list("box", 4),
@@ -648,7 +654,7 @@ class Probe:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "Probe":
+    def parse(cls, r: _Reader) -> Probe:
         return cls(
             size=r.int("size", lo=8, hi=MAX_IMAGE_SIDE),
             atol=r.float("atol", positive=True),
@@ -676,7 +682,7 @@ class Evaluation:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, r: _Reader) -> "Evaluation":
+    def parse(cls, r: _Reader) -> Evaluation:
         arms_r = r.sub("arms")
         arms = {}
         for name in arms_r.obj:
@@ -717,6 +723,7 @@ class Manifest:
     metrics: dict[str, float] = field(default_factory=dict)
     probe: Probe | None = None
     evaluations: list[Evaluation] = field(default_factory=list)
+    class_folders: list[str] | None = None  # the image-folder name of each class, when built from folders
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
     extra: dict = field(default_factory=dict)
@@ -737,7 +744,7 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes, file: str | None = None) -> "Manifest":
+    def from_json(cls, text: str | bytes, file: str | None = None) -> Manifest:
         if isinstance(text, bytes):
             if len(text) > MAX_MANIFEST_BYTES:
                 raise ManifestError(
@@ -756,7 +763,8 @@ class Manifest:
         return cls.from_dict(obj, file=file)
 
     @classmethod
-    def from_dict(cls, obj: Any, file: str | None = None) -> "Manifest":
+    def from_dict(cls, obj: Any, file: str | None = None) -> Manifest:
+        _check_finite(obj, file)
         r = _Reader(obj, "", file)
         fmt = r.str("format")
         if fmt != FORMAT_NAME:
@@ -803,6 +811,7 @@ class Manifest:
             files=files,
             metrics=metrics,
             probe=Probe.parse(probe) if probe else None,
+            class_folders=r.str_list("class_folders", required=False),
             evaluations=[
                 Evaluation.parse(_Reader(e, f"evaluations[{i}]", file))
                 for i, e in enumerate(r.list("evaluations", required=False) or [])
@@ -812,11 +821,18 @@ class Manifest:
         man._check_cross_fields(file)
         return man
 
-    def validate(self, file: str | None = None) -> "Manifest":
+    def validate(self, file: str | None = None) -> Manifest:
         """Validate an in-memory manifest exactly as a reader would; returns it for chaining."""
         return Manifest.from_dict(json.loads(self.to_json()), file=file)
 
     def _check_cross_fields(self, file: str | None) -> None:
+        if self.class_folders is not None and len(self.class_folders) != self.num_classes:
+            raise ManifestError(
+                f"has {len(self.class_folders)} entries for {self.num_classes} classes",
+                file=file,
+                field="class_folders",
+                fix="give one folder name per class, in label order, or drop the field",
+            )
         if len(self.images.per_class) != self.num_classes:
             raise ManifestError(
                 f"has {len(self.images.per_class)} entries for {self.num_classes} classes",
@@ -865,3 +881,19 @@ def _version_key(version: str) -> tuple[int, int]:
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not allowed in JSON")
+
+
+def _check_finite(obj: Any, file: str | None) -> None:
+    """Refuse a number that parsed as inf (``1e999``) anywhere, unknown fields included: no check
+    expects one, and the manifest could not be written back as JSON. Iterative: nesting is deep
+    only in a hostile manifest."""
+    stack: list[tuple[str, Any]] = [("", obj)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ManifestError("expected a finite number, got one out of the 64-bit float range", file=file,
+                                field=path or "<root>", fix="the manifest is corrupt or hostile: rebuild the bundle")
+        if isinstance(v, dict):
+            stack.extend((f"{path}.{k}" if path else str(k), x) for k, x in v.items())
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))

@@ -6,6 +6,13 @@ logit scale. It is recomputed from the class names whenever a projector is built
 then the text tower is dropped. Low-rank deltas adapt encoder weights (:mod:`hellofmt.lowrank`) and
 the head (``head.lora_A`` ``[r, D]``, ``head.lora_B`` ``[C, r]``).
 
+The projector file stores the deltas in one of the encodings of spec 5.1 (``float32``, ``float16``,
+``bfloat16``, ``int8`` with per-row scales): :meth:`Projector.delta_tensors` and
+:meth:`Projector.projector_info` take the encoding, :meth:`Projector.load_deltas` dequantises to
+float32 before anything is merged, and :meth:`Projector.round_deltas_` puts a trained projector's
+deltas through an encoding, so that its labels and probe are those a loader of the file will get.
+:class:`LabelChange` measures how far two sets of logits for the same views are apart.
+
 Two forms, as in :mod:`hellofmt.lowrank`: the *training form* (:meth:`Projector.attach_deltas`,
 deltas as parametrizations, trainable) and the *inference form* (:meth:`Projector.merge`,
 :meth:`Projector.from_bundle`: deltas added into the weights once, so a label costs one plain
@@ -15,8 +22,8 @@ encoder forward).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +37,7 @@ from .manifest import PROJECTOR_FILE, HeadDelta, LowRankTarget, ProjectorInfo
 if TYPE_CHECKING:
     from .bundle import Bundle
 
-__all__ = ["DEFAULT_TEMPLATES", "zeroshot_weights", "Projector", "check_label_input"]
+__all__ = ["DEFAULT_TEMPLATES", "zeroshot_weights", "Projector", "check_label_input", "LabelChange"]
 
 # The seven ImageNet prompts OpenAI selected as the best small subset of their 80 (CLIP's
 # "Prompt_Engineering_for_ImageNet" notebook); open_clip ships them as
@@ -201,8 +208,12 @@ class Projector(nn.Module):
             _drop_text_tower(self.clip)
         self.image_size = int(foundation.image_size)
         self.interpolation = foundation.interpolation
-        self.register_buffer("mean", torch.tensor(foundation.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(foundation.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(foundation.mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(foundation.std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
+        )
         self.head: lowrank.LowRankDelta | None = None
         self.autocast = True
         self._deltas: dict[str, lowrank.LowRankDelta] = {}
@@ -212,7 +223,7 @@ class Projector(nn.Module):
         self._encode: Callable[[Tensor], Tensor] = self._features
         self.clip.eval()
 
-    def train(self, mode: bool = True) -> "Projector":
+    def train(self, mode: bool = True) -> Projector:
         """Set the training flag; the foundation model itself stays in eval mode, always. Its
         BatchNorm statistics (ResNet towers) are part of the pinned weights: updating them while
         the deltas train would make the saved deltas fit weights no loader has."""
@@ -271,7 +282,7 @@ class Projector(nn.Module):
         """:meth:`forward` without autocast: the reference numbers (probe, tests)."""
         return self._logits(images, False)
 
-    def compile_encoder(self, **kwargs) -> "Projector":
+    def compile_encoder(self, **kwargs) -> Projector:
         """``torch.compile`` the image encoder (``kwargs`` go to ``torch.compile``); returns self."""
         self._encode = torch.compile(self._features, **kwargs)
         return self
@@ -322,26 +333,79 @@ class Projector(nn.Module):
         self._head_info = HeadDelta(rank=head.rank, alpha=head.alpha) if head is not None else None
         return self.projector_info()
 
-    def delta_tensors(self) -> dict[str, Tensor]:
+    def delta_tensors(self, encoding: str | None = None) -> dict[str, Tensor]:
         """What goes in ``projector.safetensors``: ``<param>.lora_A`` ``[r, in]``,
         ``<param>.lora_B`` ``[out, r]`` and ``head.lora_A`` ``[r, D]``, ``head.lora_B`` ``[C, r]``;
-        detached contiguous float32 CPU copies (also after :meth:`merge`)."""
-        if self._merged_tensors is not None:
-            return {k: v.clone() for k, v in self._merged_tensors.items()}
-        out = lowrank.delta_tensors(self._deltas, dtype=torch.float32)
-        if self.head is not None:
-            out.update(lowrank.delta_tensors({"head": self.head}, dtype=torch.float32))
-        return out
+        detached contiguous CPU copies (also after :meth:`merge`).
 
-    def projector_info(self) -> ProjectorInfo:
-        """The manifest's ``projector`` section for these deltas (file ``projector.safetensors``,
-        dtype float32)."""
+        Args:
+            encoding: ``None``: float32 values; else one of
+                :data:`~hellofmt.manifest.DELTA_ENCODINGS`, as the file stores them
+                (:func:`hellofmt.lowrank.encode_delta_tensors`; ``int8`` adds each tensor's ``.scale``).
+        """
+        if self._merged_tensors is not None:
+            out = {k: v.clone() for k, v in self._merged_tensors.items()}
+        else:
+            out = lowrank.delta_tensors(self._deltas, dtype=torch.float32)
+            if self.head is not None:
+                out.update(lowrank.delta_tensors({"head": self.head}, dtype=torch.float32))
+        return lowrank.encode_delta_tensors(out, encoding) if encoding is not None else out
+
+    def projector_info(self, encoding: str = "float32") -> ProjectorInfo:
+        """The manifest's ``projector`` section for these deltas (file ``projector.safetensors``)
+        stored in ``encoding`` (its ``dtype``; write the tensors with ``delta_tensors(encoding)``)."""
+        lowrank.encode_delta_tensors({}, encoding)  # an unknown encoding raises ProjectorError here
         return ProjectorInfo(
-            targets=[LowRankTarget(name=t.name, rank=t.rank, alpha=t.alpha, shape=list(t.shape)) for t in self._targets],
+            targets=[
+                LowRankTarget(name=t.name, rank=t.rank, alpha=t.alpha, shape=list(t.shape)) for t in self._targets
+            ],
             file=PROJECTOR_FILE,
-            dtype="float32",
+            dtype=encoding,
             head=HeadDelta(rank=self._head_info.rank, alpha=self._head_info.alpha) if self._head_info else None,
         )
+
+    def round_deltas_(
+        self,
+        encoding: str,
+        views: Callable[[], Iterable[Tensor]] | None = None,
+        *,
+        temperature: float = 1.0,
+    ) -> dict[str, float]:
+        """Replace every delta of the training form by what a file in ``encoding`` gives back
+        (encoded, then decoded to float32), in place; ``float32`` changes nothing. Run it before the
+        probe (and any fidelity measurement) of a bundle whose deltas are written in ``encoding``:
+        the labels recorded are then the loader's. The deltas stay trainable if they were.
+
+        Args:
+            encoding: one of :data:`~hellofmt.manifest.DELTA_ENCODINGS`.
+            views: a function returning the same batches of float views ``[B, 3, h, w]`` in [0, 1]
+                each time it is called; the logits (:meth:`forward_float32`) on them before and after
+                are compared with :class:`LabelChange`. Wrap the call in
+                :func:`hellofmt.probe.exact_float32` on a GPU, so that TF32 noise is not counted.
+            temperature: the label temperature of the comparison.
+
+        Returns:
+            :meth:`LabelChange.result` on ``views`` (``{}`` without views).
+        """
+        if self.merged:
+            raise ProjectorError(
+                "the deltas are already merged", field="projector",
+                fix="round the deltas before merge(), or load the encoded file with load_deltas",
+            )
+        change = LabelChange(temperature)  # checks the temperature before anything changes
+        deltas = dict(self._deltas)
+        if self.head is not None:
+            deltas["head"] = self.head
+        decoded = lowrank.decode_delta_tensors(lowrank.delta_tensors(deltas, encoding=encoding), encoding)
+        with torch.no_grad():
+            reference = [self.forward_float32(x).cpu() for x in views()] if views is not None else []
+            for name, d in deltas.items():
+                d.lora_A.copy_(decoded[f"{name}.lora_A"])
+                d.lora_B.copy_(decoded[f"{name}.lora_B"])
+            if views is not None:
+                for ref, x in zip(reference, views(), strict=True):
+                    change.update(ref, self.forward_float32(x).cpu())
+        return change.result() if views is not None else {}
 
     def merge(self) -> None:
         """Training form to inference form: add every delta into its weight (and the head delta
@@ -370,9 +434,11 @@ class Projector(nn.Module):
                     fix="the projector file does not fit the manifest: rebuild the bundle",
                 )
             return {}
-        target = LowRankTarget(name="head", rank=info.head.rank, alpha=info.head.alpha, shape=[self.num_classes, self.embed_dim])
+        target = LowRankTarget(
+            name="head", rank=info.head.rank, alpha=info.head.alpha, shape=[self.num_classes, self.embed_dim]
+        )
         lowrank.check_delta_tensors(head, [target], file=file, dtype=info.dtype, ignore_prefixes=())
-        return head
+        return lowrank.decode_delta_tensors(head, info.dtype)
 
     def load_deltas(
         self,
@@ -385,8 +451,10 @@ class Projector(nn.Module):
     ) -> None:
         """Load saved deltas (a projector file's tensors and the manifest's ``projector`` section),
         merged into the weights (``merge=True``, the inference form) or attached in the training
-        form (``trainable`` makes them trainable, to resume training). Everything is checked
-        first, so a bad file raises :class:`ProjectorError` and leaves the projector untouched."""
+        form (``trainable`` makes them trainable, to resume training). The tensors are in the
+        encoding ``info.dtype`` and are dequantised (``int8``) or cast to float32 before anything
+        is merged. Everything is checked first, so a bad file raises :class:`ProjectorError` and
+        leaves the projector untouched."""
         self._refuse_twice()
         head = self._check_head_tensors(tensors, info, file)
         body = {k: v for k, v in tensors.items() if not k.startswith(lowrank.HEAD_PREFIX)}
@@ -403,15 +471,20 @@ class Projector(nn.Module):
                         (self.num_classes, self.embed_dim),
                     )
                     self.head_weight += dw
-            self._merged_tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in tensors.items()}
+            decoded = {**lowrank.decode_delta_tensors(body, info.dtype), **head}
+            self._merged_tensors = {
+                k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in decoded.items()
+            }
             self.requires_grad_(False)
         else:
-            self._deltas = lowrank.load_deltas(self.clip, body, targets, file=file, trainable=trainable, dtype=info.dtype)
+            self._deltas = lowrank.load_deltas(
+                self.clip, body, targets, file=file, trainable=trainable, dtype=info.dtype
+            )
             if head:
                 dev = self.head_weight.device
                 self.head = lowrank.LowRankDelta.from_tensors(
-                    head["head.lora_A"].to(dev),
-                    head["head.lora_B"].to(dev),
+                    head["head.lora_A"].to(dev, torch.float32),
+                    head["head.lora_B"].to(dev, torch.float32),
                     info.head.alpha,
                     (self.num_classes, self.embed_dim),
                     trainable=trainable,
@@ -422,12 +495,12 @@ class Projector(nn.Module):
     @classmethod
     def from_bundle(
         cls,
-        bundle: "Bundle",
+        bundle: Bundle,
         *,
         device: str | torch.device = "cpu",
         check_fingerprint: bool = True,
         compile: bool = False,
-    ) -> "Projector":
+    ) -> Projector:
         """The bundle's projector in the inference form: foundation resolved from the manifest
         (fingerprint checked; ``check_fingerprint=False`` only warns on a mismatch), head rebuilt
         from the manifest's classes, templates and logit scale, deltas merged from the projector
@@ -456,3 +529,44 @@ class Projector(nn.Module):
             f"classes={self.num_classes}, embed_dim={self.embed_dim}, image_size={self.image_size}, "
             f"logit_scale={self.logit_scale:g}, form={form}"
         )
+
+
+class LabelChange:
+    """How far labels moved: a running comparison of reference logits and new logits for the same views.
+
+    Feed batches with :meth:`update`; :meth:`result` gives, over every view seen: ``kl``, the mean of
+    ``KL(softmax(reference / T) || softmax(logits / T))`` at the label temperature ``T``;
+    ``top1_agreement``, the fraction of views whose arg-max class is the same; ``max_logit_diff``,
+    the largest absolute difference of any logit; and ``views``, the count. Used to measure what a
+    delta encoding does to a bundle's labels (``hellofmt compress``, ``hellofmt build --delta-dtype``).
+    """
+
+    def __init__(self, temperature: float = 1.0) -> None:
+        if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+            raise InputError(f"temperature must be a positive finite number, got {temperature!r}", field="temperature")
+        self.temperature = float(temperature)
+        self._kl = 0.0
+        self._agree = 0
+        self._max = 0.0
+        self._n = 0
+
+    @torch.no_grad()
+    def update(self, reference: Tensor, logits: Tensor) -> None:
+        """Add a batch: ``reference`` and ``logits`` ``[B, C]`` for the same ``B`` views."""
+        if reference.shape != logits.shape or reference.dim() != 2:
+            raise InputError(f"expected two [B, C] logits of one shape, got {list(reference.shape)} and "
+                             f"{list(logits.shape)}", field="logits")
+        ref, new = reference.double(), logits.to(reference.device).double()
+        t = self.temperature
+        kl = F.kl_div(F.log_softmax(new / t, 1), F.log_softmax(ref / t, 1), log_target=True, reduction="none").sum(1)
+        self._kl += float(kl.sum())
+        self._agree += int((ref.argmax(1) == new.argmax(1)).sum())
+        if ref.numel():
+            self._max = max(self._max, float((ref - new).abs().max()))
+        self._n += int(ref.shape[0])
+
+    def result(self) -> dict[str, float]:
+        """``{"kl", "top1_agreement", "max_logit_diff", "views"}`` over every batch so far (zeros before any)."""
+        n = max(self._n, 1)
+        return {"kl": self._kl / n, "top1_agreement": self._agree / n if self._n else 0.0,
+                "max_logit_diff": self._max, "views": float(self._n)}

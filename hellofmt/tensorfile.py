@@ -98,14 +98,18 @@ def read_safetensors_header(
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: hostile nesting
-        raise TensorFileError(f"safetensors header is not JSON: {type(e).__name__}: {str(e)[:200]}", file=file) from None
+        raise TensorFileError(
+            f"safetensors header is not JSON: {type(e).__name__}: {str(e)[:200]}", file=file
+        ) from None
     if not isinstance(header, dict):
         raise TensorFileError("safetensors header is not a JSON object", file=file)
     data_len = size - 8 - n
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
-            if not isinstance(info, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in info.items()):
+            if not isinstance(info, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in info.items()
+            ):
                 raise TensorFileError("__metadata__ must map strings to strings", file=file, field="__metadata__")
             continue
         ok = (

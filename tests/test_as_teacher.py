@@ -128,18 +128,21 @@ class _Student(nn.Module):
 
 def test_drop_in_teacher_for_an_sre2l_rded_style_kd_step(ds):
     """The loop of SRe2L's train_KD / RDED's validation: Normalize(ImageNet), a DataParallel-wrapped
-    teacher with its parameters frozen and put in eval mode, KLDiv(log_softmax(s/T), softmax(t/T))."""
+    teacher with its parameters frozen and put in eval mode, KLDiv(log_softmax(s/T), softmax(t/T)).
+    With a GPU, student and batch live there and DataParallel scatters to cuda:0: the CPU projector's
+    logits come back to cuda:0; without one, DataParallel calls the module itself."""
     torch.manual_seed(0)
     T = 4.0
-    teacher = nn.DataParallel(ds.as_teacher())  # no GPU here: DataParallel calls the module itself
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = nn.DataParallel(ds.as_teacher())
     teacher.eval()
     for p in teacher.parameters():  # what both tools do; nothing to freeze here
         p.requires_grad = False
-    student = _Student(ds.num_classes)
+    student = _Student(ds.num_classes).to(dev)
     student.train()
     opt = torch.optim.SGD(student.parameters(), lr=0.5, momentum=0.9)
     kl = nn.KLDivLoss(reduction="batchmean")
-    images = _normalise(_images(ds), IMAGENET_MEAN, IMAGENET_STD)
+    images = _normalise(_images(ds), IMAGENET_MEAN, IMAGENET_STD).to(dev)
     losses = []
     for _ in range(30):
         soft = F.softmax(teacher(images).detach() / T, dim=1)
@@ -150,7 +153,8 @@ def test_drop_in_teacher_for_an_sre2l_rded_style_kd_step(ds):
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.5 * losses[0], losses
-    torch.testing.assert_close(soft, ds.soft_labels(_images(ds), temperature=T), rtol=1e-4, atol=1e-5)
+    assert soft.device == images.device
+    torch.testing.assert_close(soft.cpu(), ds.soft_labels(_images(ds), temperature=T), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def test_help_lists_every_option_it_listed_before_with_the_field_help():
         assert f"{opt} " in text or f"{opt}," in text, opt
     for f in dataclasses.fields(BuildConfig):
         assert " ".join(f.metadata["help"].split()) in text, f.name
-    assert "[default: 0.002]" in text and "[default: cutmix]" in text  # shown from the field defaults
+    assert "[default: 0.005]" in text and "[default: cutmix]" in text  # shown from the field defaults
     assert "--loss [kl|mse]" in text and "--embed-foundation / --no-embed-foundation" in text
 
 
@@ -290,7 +290,7 @@ def test_provenance_records_the_config(tmp_path):
                        progress=False, factor=1)
     m = Bundle.open(res.path).manifest
     want = config.replace(factor=1).resolved(32)  # provenance records the size-dependent defaults as used
-    assert want.scale == (0.08, 1.0) and want.select_scale is not None
+    assert want.scale == (0.25, 1.0) and want.select_scale == (1.0, 1.0)
     assert m.provenance.build_args == want.to_dict()
     assert BuildConfig.from_dict(m.provenance.build_args) == want
     assert m.provenance.seed == 3 and m.images.count == 3

@@ -10,7 +10,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundles import DEFAULT_TARGETS, make_format_bundle, make_manifest, projector_tensors, smooth_images
 from hellofmt.bundle import Bundle, BundleWriter, UnlistedFileWarning, sha256_file
 from hellofmt.errors import (
     BundleExistsError,
@@ -22,6 +21,8 @@ from hellofmt.errors import (
 )
 from hellofmt.manifest import MANIFEST_NAME
 from hellofmt.verify import verify_bundle
+
+from bundles import DEFAULT_TARGETS, make_format_bundle, make_manifest, projector_tensors, smooth_images
 
 
 def snapshot(root):

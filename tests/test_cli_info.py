@@ -7,11 +7,12 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from bundles import make_format_bundle
 from hellofmt import __version__
 from hellofmt.bundle import Bundle
 from hellofmt.cli import main
-from hellofmt.summary import summarize
+from hellofmt.summary import format_bytes, summarize
+
+from bundles import make_format_bundle
 
 
 @pytest.fixture
@@ -34,7 +35,7 @@ def test_info_text(runner, bundle):
     assert r.exit_code == 0, r.output
     out = r.output
     assert "4: class 0, class 1, class 2, class 3" in out
-    assert "12 (3-3 per class), 16x16, jpeg (quality 85)" in out
+    assert "12 images (3 per class), 16x16, jpeg (quality 85)" in out
     assert "hf-test-tiny-vit:fake" in out
     assert "projector.safetensors" in out and "images-00000-of-00001.safetensors" in out
     assert "stored labels" in out and "ratio" in out
@@ -55,10 +56,14 @@ def test_info_json_label_payload(runner, bundle):
     assert s["files"]["projector.safetensors"] == proj
 
 
-def test_verify_ok(runner, bundle):
+def test_verify_ok_says_what_it_checked(runner, bundle):
     r = runner.invoke(main, ["verify", str(bundle)])
     assert r.exit_code == 0, r.output
-    assert "ok" in r.output
+    total = sum(e.size for e in Bundle.open(bundle).manifest.files.values())
+    assert r.output.splitlines()[0] == f"{bundle}: ok"
+    assert f"2 files, {total:,} bytes" in r.output and "sha256" in r.output
+    assert "12 images decoded (16x16 jpeg" in r.output
+    assert "probe       none recorded" in r.output  # the format bundle has no probe: said, not hidden
 
 
 def test_verify_lists_each_problem_and_exits_1(runner, bundle):
@@ -87,6 +92,148 @@ def test_errors_are_one_line_exit_2(runner, tmp_path, command):
 def test_info_missing_bundle_exit_2(runner, tmp_path):
     r = runner.invoke(main, ["info", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "no such bundle directory" in r.output
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "show"])
+def test_a_manifest_file_points_to_its_folder(runner, bundle, command):
+    r = runner.invoke(main, [command, str(bundle / "hellofmt.json")])
+    assert r.exit_code == 2
+    assert "is a file" in r.output and f"pass the folder: {bundle}" in r.output
+
+
+def _decorate(bundle, **fields):
+    """Add manifest fields a builder or `hellofmt eval --record` writes (the manifest is not hashed)."""
+    p = bundle / "hellofmt.json"
+    obj = json.loads(p.read_text())
+    for k, v in fields.items():
+        if k in ("teachers", "extra"):
+            obj["provenance"].update(v if k == "extra" else {"teachers": v})
+        else:
+            obj[k] = v
+    p.write_text(json.dumps(obj))
+    return bundle
+
+
+METRICS = {
+    "distill.steps": 680.0, "distill.resumed_from": 0.0, "distill.final_loss": 0.0123, "distill.train_agreement": 0.91,
+    "fidelity.heldout.top1_agreement": 0.89, "fidelity.heldout.kl": 0.12, "fidelity.heldout.teacher_top1": 0.66,
+    "fidelity.heldout.projector_top1": 0.6, "fidelity.synthetic.top1_agreement": 0.95,
+    "fidelity.synthetic.teacher_top1": 0.9, "time.inputs_s": 1.3, "time.distill_s": 30.4,
+}
+EVALUATION = {"protocol": "quick", "student": "convnet", "seeds": [0, 1, 2], "hellofmt_version": "0.1.0",
+              "date": "2026-01-02T00:00:00Z", "val_count": 800,
+              "arms": {"bundle": [0.60, 0.62, 0.61], "hard": [0.50, 0.50, 0.52], "teacher": [0.70, 0.70, 0.71],
+                       "random": [0.58, 0.57, 0.59]}}
+
+
+def test_info_groups_metrics_by_stage_with_units(runner, bundle):
+    _decorate(bundle, metrics=METRICS)
+    out = runner.invoke(main, ["info", str(bundle)]).output
+    lines = out.splitlines()
+    distill = next(line for line in lines if line.startswith("distill "))
+    assert "steps 680," in distill + "," and "final loss 0.0123" in distill
+    time = next(line for line in lines if line.startswith("time "))
+    assert "inputs 1.3 s" in time and "distill 30.4 s" in time and "total 31.7 s" in time
+    # fractions in percent, each view set on its own line, the teacher's own top-1 named as such
+    held = next(line for line in lines if line.strip().startswith("held-out "))
+    assert "agreement 89.0%" in held and "teacher top-1 66.0%" in held and "projector top-1 60.0%" in held
+    assert "chance 25.0% for 4 classes" in out
+    assert "usually lower than its accuracy on whole, clean images" in " ".join(out.split())
+    assert not any(len(line) > 120 for line in lines)
+    assert "fidelity.heldout" not in out  # no dotted keys in the text
+
+
+def test_info_json_gives_counts_as_integers(runner, bundle):
+    _decorate(bundle, metrics=METRICS)
+    s = json.loads(runner.invoke(main, ["info", str(bundle), "--json"]).output)
+    assert s["metrics"]["distill.steps"] == 680 and isinstance(s["metrics"]["distill.steps"], int)
+    assert isinstance(s["metrics"]["distill.resumed_from"], int)
+    assert isinstance(s["metrics"]["fidelity.heldout.kl"], float)
+    assert all(isinstance(n, int) for n in s["images"]["per_class"]) and isinstance(s["images"]["count"], int)
+
+
+def test_info_lists_every_class_with_folders_and_caps_on_request(runner, tmp_path):
+    b = make_format_bundle(tmp_path / "b", num_classes=12, per_class=1)
+    _decorate(b, class_folders=[f"n{i:08d}" for i in range(12)])
+    out = " ".join(runner.invoke(main, ["info", str(b)]).output.split())
+    assert all(f"class {i} (n{i:08d})" in out for i in range(12))  # every class, with its folder
+    assert "more" not in out
+    out = " ".join(runner.invoke(main, ["info", str(b), "--max-classes", "3"]).output.split())
+    assert "class 2 (n00000002)" in out and "class 3 (" not in out
+    assert "and 9 more (--max-classes 0 lists all)" in out
+
+
+def test_info_shows_recipe_teachers_and_warnings(runner, bundle):
+    _decorate(bundle, teachers=["timm:resnet18", "timm:resnet34"],
+              extra={"warnings": ["the projector agrees with the teacher on only 7.0% of held-out images"]})
+    out = runner.invoke(main, ["info", str(bundle)]).output
+    assert "labels      T 1, random-resized-crop+flip (scale 0.08-1, ratio 0.75-1.33), mix cutmix" in out
+    assert "teacher(s)  timm:resnet18, timm:resnet34 (2 averaged)" in out
+    assert "warnings" in out and "only 7.0% of held-out images" in out
+
+
+def test_info_and_card_show_evaluations(runner, bundle):
+    from hellofmt.hub import dataset_card
+
+    _decorate(bundle, evaluations=[EVALUATION])
+    out = runner.invoke(main, ["info", str(bundle)]).output
+    assert "quick, student convnet, 3 seed(s), 800 val images" in out
+    assert "bundle 61.0% ± 1.0, hard 50.7% ± 1.2, teacher 70.3% ± 0.6, random 58.0% ± 1.0" in out
+    assert "IOR (bundle - random) +3.0 points, bundle - hard +10.3 points, bundle/teacher 0.867" in out
+    s = json.loads(runner.invoke(main, ["info", str(bundle), "--json"]).output)
+    assert s["evaluations"][0]["arms"]["bundle"]["mean"] == pytest.approx(0.61)
+    assert s["evaluations"][0]["comparisons"]["ior"] == pytest.approx(0.03)
+    card = dataset_card(bundle, "user/b")
+    assert "## Student evaluations" in card
+    assert "| quick | convnet | 3 | 800 | 61.0 ± 1.0 | 50.7 ± 1.2 | 70.3 ± 0.6 | 58.0 ± 1.0 | +3.0 |" in card
+    assert "image_size=" not in card  # the loader's default fits the bundle
+
+
+def test_info_explains_an_embedded_foundation(runner, tmp_path):
+    b = make_format_bundle(tmp_path / "b", extra_files={"foundation.safetensors": b"x" * 5000})
+    obj = json.loads((b / "hellofmt.json").read_text())
+    obj["foundation"].update(source="embedded", weights_file="foundation.safetensors")
+    obj["foundation"].pop("pretrained")
+    (b / "hellofmt.json").write_text(json.dumps(obj))
+    out = " ".join(runner.invoke(main, ["info", str(b)]).output.split())
+    proj = (b / "projector.safetensors").stat().st_size
+    assert f"label payload (projector, {format_bytes(proj)})" in out
+    assert "embeds its foundation (foundation.safetensors, 4.9 KiB) because it has no public name" in out
+    from hellofmt.hub import dataset_card
+
+    assert "| Embedded foundation | 5,000 bytes (4.9 KiB) (`foundation.safetensors`)" in dataset_card(b)
+
+
+def test_info_and_verify_pull_a_hub_id_through_the_cache(runner, monkeypatch, bundle):
+    from hellofmt import hub
+
+    calls = []
+
+    def fake_pull(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return bundle
+
+    monkeypatch.setattr(hub, "pull", fake_pull)
+    r = runner.invoke(main, ["info", "someone/tiny-set"])
+    assert r.exit_code == 0, r.output
+    assert f"bundle      {bundle}" in r.output
+    r = runner.invoke(main, ["verify", "someone/tiny-set"])
+    assert r.exit_code == 0, r.output
+    assert [c[0] for c in calls] == ["someone/tiny-set", "someone/tiny-set"]
+    assert calls[1][1] == {"verify": False}  # verify hashes every file itself, listing each problem
+
+
+def test_an_unreachable_hub_id_says_it_is_not_a_local_folder_either(runner, monkeypatch):
+    from hellofmt import hub
+    from hellofmt.errors import OfflineError
+
+    def offline(repo_id, **kwargs):
+        raise OfflineError("the Hub cannot be reached", file="hf://datasets/someone/x", fix="connect")
+
+    monkeypatch.setattr(hub, "pull", offline)
+    r = runner.invoke(main, ["info", "someone/x"])
+    assert r.exit_code == 2
+    assert "no local directory 'someone/x'; as a Hub dataset: the Hub cannot be reached" in r.output
 
 
 def test_verify_runs_the_probe_on_a_real_bundle(runner, tiny_bundle, tmp_path):

@@ -230,7 +230,9 @@ def test_deprecated_label_aliases_warn_and_match(ds):
 
 def test_outputs_train_a_student(ds):
     # The batch must be usable for backprop: no inference tensors saved for backward.
-    student = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    student = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)
+    )
     images, soft, hard = next(iter(ds.loader(batch_size=4, image_size=16)))
     out = student(images)
     loss = torch.nn.functional.kl_div(out.log_softmax(1), soft, reduction="batchmean")

@@ -1,6 +1,7 @@
 """DD-Ranking's soft-label evaluator (live-teacher mode) run with a bundle's projector as its teacher,
 through ``examples/ddranking_eval.py``. Opt-in: set ``HELLOFMT_DDRANKING=1`` with ``ddranking``
-installed (``pip install ddranking``; see the example's docstring). About two minutes on two CPU cores.
+installed (``pip install ddranking``; see the example's docstring). About 6 minutes on two CPU cores,
+20 s on a GPU.
 
 DD-Ranking 0.2.0 knows only its own dataset names, each with a fixed class count, so the test lays out a
 miniature "TinyImageNet" on disk (200 classes of 16-px procedural images, ``train/`` and ``val/``) and
@@ -21,7 +22,8 @@ pytestmark = [
     pytest.mark.live,
     pytest.mark.skipif(
         os.environ.get("HELLOFMT_DDRANKING") != "1",
-        reason="opt-in: runs DD-Ranking's evaluator (~2 min on CPU); set HELLOFMT_DDRANKING=1 with ddranking installed",
+        reason="opt-in: runs DD-Ranking's evaluator (~6 min on CPU, 20 s on a GPU); "
+        "set HELLOFMT_DDRANKING=1 with ddranking installed",
     ),
 ]
 
@@ -47,13 +49,11 @@ def _write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor) -> Non
 
 
 def test_ddranking_soft_label_evaluator_with_the_projector_as_teacher(tmp_path):
-    pytest.importorskip(
-        "ddranking", reason="opt-in test asked for (HELLOFMT_DDRANKING=1) but ddranking is not installed: pip install ddranking"
-    )
-    from bundles import make_images, make_tiny_bundle
-
+    pytest.importorskip("ddranking", reason="HELLOFMT_DDRANKING=1 but ddranking is missing: pip install ddranking")
     from hellofmt import DistilledDataset
     from hellofmt.teacher import ProjectorTeacher
+
+    from bundles import make_images, make_tiny_bundle
 
     example = _example()
     bundle = make_tiny_bundle(tmp_path / "bundle", num_classes=NUM_CLASSES, ipc=1, size=SIZE)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import DATA, TINY_RN, TINY_VIT
 from safetensors.torch import save_file
 
 import hellofmt.manifest as mf
@@ -24,8 +25,6 @@ from hellofmt.foundation import (
     load_foundation,
     parse_foundation_spec,
 )
-
-from conftest import DATA, TINY_RN, TINY_VIT
 
 
 @pytest.fixture(autouse=True)
@@ -193,7 +192,9 @@ def _spec_fingerprint(state: dict[str, torch.Tensor]) -> str:
         t = state[name]
         arr = t.numpy() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy()
         raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int64: "int64", torch.float16: "float16"}[t.dtype]
+        dtype = {
+            torch.float32: "float32", torch.bfloat16: "bfloat16", torch.int64: "int64", torch.float16: "float16"
+        }[t.dtype]
         h.update(f"{name}\n{dtype}\n{','.join(map(str, t.shape))}\n{len(raw)}\n".encode())
         h.update(raw)
     return h.hexdigest()
@@ -248,14 +249,16 @@ def test_custom_config_and_safetensors_weights(tmp_path):
     f = load_foundation(f"{cfg}:{weights}")
     assert f.fingerprint == fp
     ref = f.reference
-    assert (ref.source, ref.architecture, ref.weights_file) == ("file", "my-clip", str(weights))
+    # the manifest records the file's name only (a hint), never a local path (spec 3.2)
+    assert (ref.source, ref.architecture, ref.weights_file) == ("file", "my-clip", weights.name)
     assert ref.model_config == tiny_config()
     torch.manual_seed(0)
     expected = load_foundation(TINY_VIT)
     assert torch.equal(encode(f), encode(expected))
-    # the file reference loads back, with the fingerprint checked
-    again = load_foundation(ref)
-    assert again.fingerprint == fp
+    # the file reference loads back from a path the user gives, or from the bundle directory,
+    # with the fingerprint checked
+    assert load_foundation(ref, weights=weights).fingerprint == fp
+    assert load_foundation(ref, bundle_dir=tmp_path).fingerprint == fp
 
 
 def test_custom_config_in_open_clip_config_form_sets_preprocess(tmp_path):
@@ -410,7 +413,8 @@ def _safetensors_bytes(tmp_path: Path, arch=TINY_VIT, seed=0) -> tuple[bytes, st
 def test_hf_hub_offline_from_cache(tmp_path, offline_hub):
     data, fp = _safetensors_bytes(tmp_path)
     pp = {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.3, 0.4], "interpolation": "bicubic"}
-    offline_hub("test-org/tiny-clip", "open_clip_config.json", json.dumps({"model_cfg": tiny_config(), "preprocess_cfg": pp}).encode())
+    config = json.dumps({"model_cfg": tiny_config(), "preprocess_cfg": pp}).encode()
+    offline_hub("test-org/tiny-clip", "open_clip_config.json", config)
     offline_hub("test-org/tiny-clip", "open_clip_model.safetensors", data)
     f = load_foundation("hf-hub:test-org/tiny-clip")
     assert f.fingerprint == fp
@@ -440,7 +444,11 @@ def test_pretrained_tag_offline_from_cache(tmp_path, offline_hub, monkeypatch):
     monkeypatch.setitem(
         oc_pretrained._PRETRAINED,
         TINY_VIT,
-        {"fake": {"hf_hub": "test-org/tiny-vit-fake/", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "quick_gelu": True}},
+        {
+            "fake": {
+                "hf_hub": "test-org/tiny-vit-fake/", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5), "quick_gelu": True
+            }
+        },
     )
     data, _ = _safetensors_bytes(tmp_path)
     offline_hub("test-org/tiny-vit-fake", "open_clip_model.safetensors", data)

@@ -19,8 +19,6 @@ import pytest
 from click.testing import CliRunner
 from huggingface_hub import constants
 
-from bundles import make_format_bundle
-from fakehub import READ_TOKEN, WRITE_TOKEN, FakeHub, point_client_at
 from hellofmt import hub
 from hellofmt.bundle import Bundle
 from hellofmt.cli import main
@@ -36,6 +34,9 @@ from hellofmt.errors import (
 )
 from hellofmt.manifest import MANIFEST_NAME, Manifest
 from hellofmt.summary import summarize
+
+from bundles import make_format_bundle
+from fakehub import READ_TOKEN, WRITE_TOKEN, FakeHub, point_client_at
 
 REPO = "user/tiny"
 COMMIT_URL = re.compile(r"^http://127\.0\.0\.1:\d+/datasets/user/tiny/commit/([0-9a-f]{40})$")

@@ -9,7 +9,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bundles import smooth_images
 from hellofmt.errors import ImageDecodeError, ImageStoreError, InputError, TensorFileError
 from hellofmt.imagestore import (
     decode_image,
@@ -19,6 +18,8 @@ from hellofmt.imagestore import (
     shard_name,
     write_shards,
 )
+
+from bundles import smooth_images
 
 
 @pytest.fixture

@@ -14,7 +14,9 @@ import pytest
 
 import hellofmt
 
-_RUNTIME = ["hellofmt.dataset", "hellofmt.projector", "hellofmt.bundle", "hellofmt.hub", "hellofmt.probe", "hellofmt.cli"]
+_RUNTIME = [
+    "hellofmt.dataset", "hellofmt.projector", "hellofmt.bundle", "hellofmt.hub", "hellofmt.probe", "hellofmt.cli"
+]
 # The format layer and the bottom modules it stands on.
 _FORMAT = ["hellofmt.manifest", "hellofmt.imagestore", "hellofmt.bundle", "hellofmt.tensorfile", "hellofmt.fingerprint"]
 # What the format layer must not load: the model, the runtime, the modules on top, and open_clip.

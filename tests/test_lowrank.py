@@ -496,7 +496,9 @@ def _case(name):
     elif name == "rank-disagrees":
         t = {f"{P}.lora_A": torch.randn(3, 64), f"{P}.lora_B": torch.randn(256, 3)}
     elif name == "target-not-in-model":
-        targets = [LowRankTarget(name="visual.transformer.resblocks.9.mlp.c_fc.weight", rank=2, alpha=2.0, shape=[256, 64])]
+        targets = [
+            LowRankTarget(name="visual.transformer.resblocks.9.mlp.c_fc.weight", rank=2, alpha=2.0, shape=[256, 64])
+        ]
         t = {f"{targets[0].name}.lora_A": torch.randn(2, 64), f"{targets[0].name}.lora_B": torch.randn(256, 2)}
         field = targets[0].name
     elif name == "not-a-parameter":  # a module, not a parameter
@@ -592,3 +594,108 @@ def test_merge_onto_parametrized_refused(vit):
     lr.load_deltas(vit, tensors, targets)
     with pytest.raises(ProjectorError, match="already carries a delta"):
         lr.merge_(vit, tensors, targets, file=FILE)
+
+
+# ------------------------------------------------------------------------------------------------
+# encodings (spec 5.1): float32, float16, bfloat16, int8 with one float32 scale per row
+# ------------------------------------------------------------------------------------------------
+def test_quantize_int8_rule_and_error_bound():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 40, generator=g) * torch.tensor([1e-4, 1e-2, 1.0, 30.0, 0.0])[:, None]
+    q, s = lr.quantize_int8(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (5,)
+    assert int(q.min()) >= -127 and int(q.max()) <= 127  # symmetric: -128 is never written
+    assert torch.equal(s[:4], x[:4].abs().amax(1) / 127) and s[4] == 1.0  # an all-zero row gets scale 1
+    assert torch.equal(q[4], torch.zeros(40, dtype=torch.int8))
+    assert (q[:4].abs().amax(1) == 127).all()  # each row's largest value uses the full range
+    back = lr.dequantize_int8(q, s)
+    assert back.dtype == torch.float32
+    assert ((back - x).abs() <= s[:, None] / 2 * (1 + 1e-6)).all()  # within half a step per element
+    assert torch.equal(back, q.float() * s[:, None])  # the spec's rule, exactly
+
+
+def test_quantize_int8_refuses_non_finite_and_non_matrices():
+    with pytest.raises(ProjectorError, match="NaN or infinite"):
+        lr.quantize_int8(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ProjectorError, match="2-D floating-point"):
+        lr.quantize_int8(torch.ones(3))
+    with pytest.raises(ProjectorError, match="2-D floating-point"):
+        lr.quantize_int8(torch.ones(2, 2, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("encoding", ["float32", "float16", "bfloat16", "int8"])
+def test_encode_decode_round_trip_each_encoding(encoding, vit_base):
+    m = copy.deepcopy(vit_base)
+    targets = lr.make_targets(m, rank=2)
+    deltas = lr.attach(m, targets, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for d in deltas.values():
+            d.lora_B.normal_(0, 0.05)
+    plain = lr.delta_tensors(deltas)
+    stored = lr.delta_tensors(deltas, encoding=encoding)
+    names = {f"{t.name}.{ab}" for t in targets for ab in ("lora_A", "lora_B")}
+    scales = {n + ".scale" for n in names} if encoding == "int8" else set()
+    assert set(stored) == names | scales
+    want = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+    assert all(stored[n].dtype == want[encoding] for n in names)
+    assert all(stored[n].dtype == torch.float32 and stored[n].shape == (plain[n[:-6]].shape[0],) for n in scales)
+    lr.check_delta_tensors(stored, targets, file=FILE, dtype=encoding)
+    back = lr.decode_delta_tensors(stored, encoding)
+    assert set(back) == names and all(v.dtype == torch.float32 for v in back.values())
+    tol = {"float32": 0.0, "float16": 1e-3, "bfloat16": 8e-3, "int8": 1 / 254}[encoding]
+    for n in names:  # relative to each row's largest value
+        err = (back[n] - plain[n]).abs().amax(1) / plain[n].abs().amax(1).clamp_min(1e-12)
+        assert float(err.max()) <= tol * 1.0001, (n, float(err.max()))
+    # Encoding what a file gave back changes nothing more: the stored values are a fixed point.
+    again = lr.decode_delta_tensors(lr.encode_delta_tensors(back, encoding), encoding)
+    assert all(torch.allclose(again[n], back[n], rtol=1e-6, atol=0) for n in names)
+
+
+@pytest.mark.parametrize("how", ["load_deltas", "merge_"])
+def test_int8_file_loads_as_its_dequantised_values(how, vit_base):
+    targets = lr.make_targets(vit_base, rank=2)
+    tensors = _random_tensors(targets)
+    stored = lr.encode_delta_tensors(tensors, "int8")
+    dequantised = lr.decode_delta_tensors(stored, "int8")
+    x = _images(vit_base)
+    fn = getattr(lr, how)
+    a, b = copy.deepcopy(vit_base), copy.deepcopy(vit_base)
+    fn(a, stored, targets, file=FILE, dtype="int8")
+    fn(b, dequantised, targets, file=FILE, dtype="float32")
+    assert torch.equal(_encode(a, x), _encode(b, x))
+    c = copy.deepcopy(vit_base)  # and it is close to, but not the same as, the float32 deltas
+    fn(c, tensors, targets, file=FILE, dtype="float32")
+    diff = float((_encode(a, x) - _encode(c, x)).abs().max())
+    assert 0 < diff < 1e-2 * float(_encode(c, x).abs().max())
+
+
+def test_int8_checks_name_the_tensor_and_leave_the_model_untouched(vit, vit_base):
+    targets = [LowRankTarget(name=P, rank=2, alpha=2.0, shape=[256, 64])]
+    good = lr.encode_delta_tensors({f"{P}.lora_A": torch.randn(2, 64), f"{P}.lora_B": torch.randn(256, 2)}, "int8")
+    cases = {
+        "missing scale": ({k: v for k, v in good.items() if k != f"{P}.lora_B.scale"}, f"{P}.lora_B.scale", "missing"),
+        "scale shape": ({**good, f"{P}.lora_A.scale": torch.ones(3)}, f"{P}.lora_A.scale", r"shape \[3\]"),
+        "scale dtype": ({**good, f"{P}.lora_A.scale": torch.ones(2, dtype=torch.float64)}, f"{P}.lora_A.scale",
+                        "float64"),
+        "scale zero": ({**good, f"{P}.lora_B.scale": torch.zeros(256)}, f"{P}.lora_B.scale", "not > 0"),
+        "scale nan": ({**good, f"{P}.lora_B.scale": torch.full((256,), float("nan"))}, f"{P}.lora_B.scale", "NaN"),
+        "float tensor": ({**good, f"{P}.lora_A": torch.randn(2, 64)}, f"{P}.lora_A", "needs int8"),
+        "orphan scale": ({**good, "visual.proj.lora_A.scale": torch.ones(2)}, "visual.proj.lora_A.scale",
+                         "unexpected"),
+    }
+    for name, (tensors, field, match) in cases.items():
+        for fn in (lr.load_deltas, lr.merge_):
+            with pytest.raises(ProjectorError, match=match) as e:
+                fn(vit, tensors, targets, file=FILE, dtype="int8")
+            assert e.value.field == field and e.value.file == FILE, name
+    assert not any(parametrize.is_parametrized(m) for m in vit.modules())
+    for k, v in vit_base.state_dict().items():
+        assert torch.equal(vit.state_dict()[k], v), k
+    # Scales under a float encoding: the manifest and the file disagree.
+    with pytest.raises(ProjectorError, match="int8 scale") as e:
+        lr.check_delta_tensors(good | {f"{P}.lora_A": torch.randn(2, 64), f"{P}.lora_B": torch.randn(256, 2)},
+                               targets, file=FILE, dtype="float32")
+    assert "disagree" in e.value.fix
+    with pytest.raises(ProjectorError, match="unknown delta encoding") as e:
+        lr.check_delta_tensors(good, targets, file=FILE, dtype="int4")
+    assert e.value.field == "projector.dtype"

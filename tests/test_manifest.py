@@ -12,7 +12,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bundles import make_format_bundle, make_manifest
 from hellofmt.errors import FormatVersionError, ManifestError
 from hellofmt.manifest import (
     MANIFEST_NAME,
@@ -23,6 +22,8 @@ from hellofmt.manifest import (
     ProbeView,
     Shard,
 )
+
+from bundles import make_format_bundle, make_manifest
 
 # The copy shipped in the wheel (hellofmt/schema/), read the way an installed package reads it.
 PACKAGED_SCHEMA = importlib.resources.files("hellofmt") / "schema" / "manifest.schema.json"
@@ -92,8 +93,10 @@ def test_newer_minor_is_read_newer_major_is_refused():
     obj = json.loads(full_manifest().to_json())
     obj["format_version"] = "1.7"
     assert Manifest.from_dict(obj).format_version == "1.7"
-    obj["format_version"] = "2.0"
-    with pytest.raises(FormatVersionError, match="format_version: format version 2.0 is newer"):
+    obj["format_version"] = "2.3"  # format 2 (int8 deltas) is read too
+    assert Manifest.from_dict(obj).format_version == "2.3"
+    obj["format_version"] = "3.0"
+    with pytest.raises(FormatVersionError, match="format_version: format version 3.0 is newer"):
         Manifest.from_dict(obj, file="b/hellofmt.json")
 
 
@@ -204,10 +207,15 @@ def test_property_manifest_round_trips(classes, per_class, codec, side, ranks, t
     m.images = ImagesInfo(count=sum(pc), codec=codec, quality=50 if codec in ("jpeg", "webp") else None,
                           height=side[0], width=side[1],
                           shards=[Shard(file="images-00000-of-00001.safetensors", count=sum(pc))], per_class=pc)
-    m.projector.targets = [LowRankTarget(name=f"p{i}", rank=r, alpha=1.5 * r, shape=[r + 1, 3]) for i, r in enumerate(ranks)]
+    m.projector.targets = [
+        LowRankTarget(name=f"p{i}", rank=r, alpha=1.5 * r, shape=[r + 1, 3]) for i, r in enumerate(ranks)
+    ]
     m.labels.temperature = temperature
     m.extra = dict(extra)
-    m.files = {"images-00000-of-00001.safetensors": FileEntry("a" * 64, 1), "projector.safetensors": FileEntry("b" * 64, 2)}
+    m.files = {
+        "images-00000-of-00001.safetensors": FileEntry("a" * 64, 1),
+        "projector.safetensors": FileEntry("b" * 64, 2),
+    }
     text = m.to_json()
     back = Manifest.from_json(text.encode("utf-8"))
     assert back == m

@@ -202,7 +202,9 @@ def test_altered_foundation_fails(tiny_bundle, tmp_path):
     tensors = load_file(path / name)
     key = next(k for k in sorted(tensors) if k.startswith("visual.") and tensors[k].ndim == 2)
     tensors[key] = tensors[key] + 0.1 * torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(0))
-    save_file(tensors, path / name, metadata={"format": "hellofmt-foundation", "architecture": man.foundation.architecture})
+    save_file(
+        tensors, path / name, metadata={"format": "hellofmt-foundation", "architecture": man.foundation.architecture}
+    )
     _rehash(path, name)
     # The fingerprint catches it first; with that check off, the probe still does.
     with pytest.raises(FingerprintMismatchError):

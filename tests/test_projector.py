@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_RN, TINY_VIT
 from safetensors.torch import save_file
 
 import hellofmt.manifest as mf
 from hellofmt.errors import FingerprintMismatchError, InputError, ProjectorError
 from hellofmt.foundation import EMBEDDED_WEIGHTS_FILE, foundation_metadata, foundation_tensors, load_foundation
-from hellofmt.projector import DEFAULT_TEMPLATES, Projector, check_label_input, zeroshot_weights
-
-from conftest import TINY_RN, TINY_VIT
+from hellofmt.projector import DEFAULT_TEMPLATES, LabelChange, Projector, check_label_input, zeroshot_weights
 
 CLASSES = ["cat", "dog", "car", "tree"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {c}."]
@@ -75,7 +74,9 @@ def test_zeroshot_weights_is_normalised_mean_text_embedding():
     assert torch.allclose(zs.norm(dim=1), torch.ones(len(CLASSES)), atol=1e-6)
     assert torch.allclose(zs, by_hand_zeroshot(f.model, f.tokenizer, CLASSES, TEMPLATES), atol=1e-6)
     # "{c}" and "{}" are the same placeholder
-    assert torch.allclose(zs, zeroshot_weights(f.model, f.tokenizer, CLASSES, ["a photo of a {c}.", "a drawing of a {}."]))
+    assert torch.allclose(
+        zs, zeroshot_weights(f.model, f.tokenizer, CLASSES, ["a photo of a {c}.", "a drawing of a {}."])
+    )
     # class order matters and is kept
     swapped = zeroshot_weights(f.model, f.tokenizer, CLASSES[::-1], TEMPLATES)
     assert torch.allclose(swapped, zs.flip(0), atol=1e-6)
@@ -230,7 +231,9 @@ def test_training_form_trains_only_the_deltas():
     assert "head.lora_A" in trainable
     x = images(2, 32)
     proj(x).logsumexp(1).sum().backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in proj.named_parameters() if n.endswith("lora_B"))
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in proj.named_parameters() if n.endswith("lora_B")
+    )
 
 
 def test_merged_projector_passes_gradients_to_images():
@@ -536,3 +539,85 @@ def test_training_form_fingerprints_as_its_base_weights():
     assert fingerprint(f.model) == before
     proj.merge()
     assert fingerprint(f.model) != before  # merged weights are no longer the foundation's
+
+
+# --------------------------------------------------------------------------------------------------
+# Delta encodings: round_deltas_, load_deltas of encoded files, LabelChange
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("encoding", ["float16", "bfloat16", "int8"])
+def test_round_deltas_gives_the_labels_of_the_encoded_file(tmp_path, encoding):
+    ref, tensors, info, x, logits = _saved(tmp_path)
+    proj = Projector(load_foundation(ref, bundle_dir=tmp_path), CLASSES, TEMPLATES)
+    proj.load_deltas(tensors, info, merge=False)
+    change = proj.round_deltas_(encoding, lambda: iter([x]), temperature=2.0)
+    assert set(change) == {"kl", "top1_agreement", "max_logit_diff", "views"} and change["views"] == 3
+    assert 0 < change["max_logit_diff"] < 0.05 and 0 <= change["kl"] < 1e-4
+    stored = proj.delta_tensors(encoding)
+    enc_info = proj.projector_info(encoding)
+    assert enc_info.dtype == encoding and enc_info.format_version == ("2.0" if encoding == "int8" else "1.0")
+    loaded = Projector(load_foundation(ref, bundle_dir=tmp_path), CLASSES, TEMPLATES)
+    loaded.load_deltas(stored, enc_info, merge=True)
+    with torch.no_grad():
+        rounded, from_file = proj.forward_float32(x), loaded.forward_float32(x)
+    torch.testing.assert_close(from_file, rounded, rtol=1e-5, atol=1e-5)  # the probe's premise
+    expected = LabelChange(2.0)
+    expected.update(logits, rounded)
+    assert change["max_logit_diff"] == pytest.approx(expected.result()["max_logit_diff"], rel=1e-3, abs=1e-6)
+    # After merging, delta_tensors() gives back the decoded (rounded) float32 values.
+    loaded_tensors = loaded.delta_tensors()
+    assert all(v.dtype == torch.float32 for v in loaded_tensors.values())
+    assert not any(k.endswith(".scale") for k in loaded_tensors)
+
+
+def test_round_deltas_refuses_merged_and_unknown(tmp_path):
+    ref, tensors, info, _, _ = _saved(tmp_path)
+    proj = Projector(load_foundation(ref, bundle_dir=tmp_path), CLASSES, TEMPLATES)
+    proj.load_deltas(tensors, info, merge=False)
+    before = {k: v.clone() for k, v in proj.delta_tensors().items()}
+    with pytest.raises(ProjectorError, match="unknown delta encoding"):
+        proj.round_deltas_("int4")
+    with pytest.raises(ProjectorError, match="unknown delta encoding"):
+        proj.projector_info("int4")
+    assert all(torch.equal(v, proj.delta_tensors()[k]) for k, v in before.items())  # untouched
+    assert proj.round_deltas_("float32") == {}
+    assert all(torch.equal(v, proj.delta_tensors()[k]) for k, v in before.items())  # float32: no change
+    proj.merge()
+    with pytest.raises(ProjectorError, match="already merged"):
+        proj.round_deltas_("int8")
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_load_int8_deltas_training_and_inference_forms_agree(tmp_path, merge):
+    ref, tensors, info, x, _ = _saved(tmp_path)
+    proj = Projector(load_foundation(ref, bundle_dir=tmp_path), CLASSES, TEMPLATES)
+    proj.load_deltas(tensors, info, merge=False)
+    proj.round_deltas_("int8")
+    with torch.no_grad():
+        want = proj.forward_float32(x)
+    stored, enc = proj.delta_tensors("int8"), proj.projector_info("int8")
+    fresh = Projector(load_foundation(ref, bundle_dir=tmp_path), CLASSES, TEMPLATES)
+    fresh.load_deltas(stored, enc, merge=merge)
+    assert fresh.merged is merge
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.forward_float32(x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_label_change_maths():
+    ref = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
+    same = LabelChange(1.0)
+    same.update(ref, ref.clone())
+    assert same.result() == {"kl": 0.0, "top1_agreement": 1.0, "max_logit_diff": 0.0, "views": 2.0}
+    new = ref.clone()
+    new[1] = torch.tensor([2.0, 1.0, 0.5])  # the second view's top class changes
+    ch = LabelChange(2.0)
+    ch.update(ref[:1], new[:1])
+    ch.update(ref[1:], new[1:])
+    p, q = F.softmax(ref[1] / 2, 0), F.softmax(new[1] / 2, 0)
+    kl = float((p * (p.log() - q.log())).sum()) / 2  # mean over the two views; the first did not change
+    r = ch.result()
+    assert r["kl"] == pytest.approx(kl, rel=1e-5)
+    assert r["top1_agreement"] == 0.5 and r["max_logit_diff"] == 2.0 and r["views"] == 2
+    with pytest.raises(InputError, match="temperature"):
+        LabelChange(0.0)
+    with pytest.raises(InputError, match="one shape"):
+        ch.update(ref, ref[:, :2])

@@ -71,7 +71,9 @@ def _texture96(kind: str, rng, yy, xx) -> np.ndarray:
     if kind == "checker":
         return (((u + ph[0]) % period) < period / 2) ^ (((v + ph[1]) % period) < period / 2)
     if kind == "dots":
-        return (((u + ph[0]) % period - period / 2) ** 2 + ((v + ph[1]) % period - period / 2) ** 2) < (period / 3.2) ** 2
+        return (
+            ((u + ph[0]) % period - period / 2) ** 2 + ((v + ph[1]) % period - period / 2) ** 2
+        ) < (period / 3.2) ** 2
     if kind == "rings":
         cx, cy = rng.uniform(0, 96, 2)
         return (np.sqrt((xx - cx) ** 2 + (yy - cy) ** 2) + ph[0]) % period < period / 2
@@ -124,7 +126,8 @@ def load_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     return torch.stack(xs), torch.tensor(ys), names
 
 
-TEACHER_PY = '''"""The benchmark teacher (benchmarks/defaults/data.py: net), weights from teacher.safetensors beside this file."""
+TEACHER_PY = '''"""The benchmark teacher (benchmarks/defaults/data.py: net), weights from teacher.safetensors
+beside this file."""
 from pathlib import Path
 import importlib.util
 

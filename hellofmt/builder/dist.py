@@ -45,7 +45,6 @@ def init_world(device: str | torch.device | None = None) -> World:
     """Join the process group torchrun set up the environment for, or return a one-process world.
     ``device`` None picks ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"

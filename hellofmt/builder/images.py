@@ -1,10 +1,14 @@
-"""Image initialisation: distilled images made elsewhere (``--images DIR``) or RDED-style selection.
+"""Image initialisation: distilled images made elsewhere (``--images DIR``) or selection from the originals.
 
-RDED (Sun et al., CVPR 2024): for each class, sample many random crops of real images, score each
-with the teacher (the negative cross-entropy on the true class, i.e. how representative the crop is),
-keep the best ``ipc x factor^2``, and stitch ``factor x factor`` of them into each synthetic image.
-With ``factor`` 2 one image carries four patches, so a student's random crop often sees a single
-patch, and the projector labels whatever mix of patches the crop contains.
+RDED (Sun et al., CVPR 2024) samples many random crops of each class's real images, scores each with
+the teacher, keeps the best ``ipc x factor^2`` and stitches ``factor x factor`` of them into each
+synthetic image. :func:`rded_images` does that with three rules for what to keep (``--selection``):
+``kmeans`` (the default: candidates the teacher classifies correctly, clustered in the distilled
+projector's embedding space, one per cluster, the one nearest its centre: coverage of the class
+rather than its easiest examples), ``confidence`` (RDED's: the teacher's surest) and ``random``. At
+most one candidate per source image is kept while there are enough sources. Below 128 px the
+defaults keep whole images (``factor`` 1, ``select_scale`` (1, 1)); the student measurements behind
+that are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from ..errors import BuildInputError
 from .config import SELECTIONS
 from .inputs import ImageFolder, TensorData, data_labels, load_all, scan_image_folder
 
-__all__ = ["SELECTIONS", "images_from_folder", "kmeans", "rded_images", "stitch"]
+__all__ = ["SELECTIONS", "distinct_first", "images_from_folder", "kmeans", "rded_images", "stitch"]
 
 
-def images_from_folder(directory, classes: list[str], folders: list[str], image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def images_from_folder(
+    directory, classes: list[str], folders: list[str], image_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Read pre-made distilled images (an image folder with the same class folders as the training
     data) as uint8 [N,3,S,S] + labels; every class must have at least one image."""
     folder = scan_image_folder(directory, what="--images")
@@ -44,7 +50,8 @@ def stitch(patches: torch.Tensor, factor: int, image_size: int) -> torch.Tensor:
     """Tile ``[n * factor^2, 3, p, p]`` float patches into ``n`` images of ``image_size``."""
     k = factor * factor
     n, _, p, _ = patches.shape
-    grid = patches.view(n // k, factor, factor, 3, p, p).permute(0, 3, 1, 4, 2, 5).reshape(n // k, 3, factor * p, factor * p)
+    grid = patches.view(n // k, factor, factor, 3, p, p).permute(0, 3, 1, 4, 2, 5)
+    grid = grid.reshape(n // k, 3, factor * p, factor * p)
     if grid.shape[-1] != image_size:
         grid = F.interpolate(grid, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
     return grid
@@ -52,7 +59,9 @@ def stitch(patches: torch.Tensor, factor: int, image_size: int) -> torch.Tensor:
 
 
 
-def kmeans(x: torch.Tensor, k: int, *, generator: torch.Generator, iters: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(
+    x: torch.Tensor, k: int, *, generator: torch.Generator, iters: int = 25
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain k-means (k-means++ seeding, Lloyd iterations) on the rows of ``x`` [n, d].
     Returns (assignment [n], centroids [k, d]); deterministic for a given generator."""
     n = x.shape[0]
@@ -81,20 +90,39 @@ def kmeans(x: torch.Tensor, k: int, *, generator: torch.Generator, iters: int = 
     return assign, c
 
 
+def distinct_first(order: torch.Tensor, source: torch.Tensor, need: int) -> torch.Tensor:
+    """The first ``need`` of the candidate indices ``order``, taking at most one per source image while
+    there are enough distinct sources (a small class cycles over its images, and whole-image
+    candidates of one source are the same image)."""
+    seen: set[int] = set()
+    first, rest = [], []
+    for i in order.tolist():
+        (rest if int(source[i]) in seen else first).append(i)
+        seen.add(int(source[i]))
+    return torch.tensor((first + rest)[:need], dtype=torch.int64, device=order.device)
+
+
 def _pick(scores: torch.Tensor, feats: torch.Tensor | None, need: int, selection: str, c_correct: torch.Tensor,
-          generator: torch.Generator) -> torch.Tensor:
-    """Indices of the ``need`` candidates kept for one class."""
+          generator: torch.Generator, source: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of the ``need`` candidates kept for one class (``source``: each candidate's source image)."""
     n = scores.numel()
+    if source is None:
+        source = torch.arange(n)
     if selection == "random":
-        return torch.randperm(n, generator=generator)[:need].to(scores.device)
+        return distinct_first(torch.randperm(n, generator=generator).to(scores.device), source, need)
     if selection == "confidence" or feats is None:
-        return scores.topk(min(need, n)).indices
+        return distinct_first(scores.argsort(descending=True), source, need)
     # kmeans: cover the class. Candidates the teacher does not put in the class are dropped while
     # enough remain; the rest are clustered into `need` groups in the projector's embedding space and
     # each group is represented by its candidate nearest to the centre (a medoid, not the easiest).
     ok = c_correct.nonzero().flatten()
     if ok.numel() < need:
         ok = scores.topk(min(n, max(need, 2 * need))).indices
+    # one candidate per source image (its best-scored), while enough sources remain
+    best_per_source = distinct_first(ok[scores[ok].argsort(descending=True)], source, ok.numel())
+    n_src = len({int(source[i]) for i in ok.tolist()})
+    if n_src >= need:
+        ok = best_per_source[:n_src]
     f = feats[ok]
     assign, cent = kmeans(f, need, generator=generator)
     out = []
@@ -193,7 +221,7 @@ def rded_images(
         scores = torch.cat(scores)
         preds = torch.cat(preds)
         crops = torch.cat(crops)
-        best = _pick(scores, torch.cat(feats) if feats else None, need, selection, preds == c, g)
+        best = _pick(scores, torch.cat(feats) if feats else None, need, selection, preds == c, g, source=order)
         if best.numel() < need:  # fewer candidates than patches: reuse the ones kept
             best = best.repeat(-(-need // best.numel()))[:need]
         # Deal patches round-robin so every image mixes strong and weaker patches.

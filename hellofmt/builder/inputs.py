@@ -140,7 +140,9 @@ def scan_image_folder(
     """
     root = Path(root)
     if not root.exists():
-        raise BuildInputError("folder not found", file=root, field=what, fix="give an image-folder tree: ROOT/CLASS/IMAGE")
+        raise BuildInputError(
+            "folder not found", file=root, field=what, fix="give an image-folder tree: ROOT/CLASS/IMAGE"
+        )
     if not root.is_dir():
         raise BuildInputError("not a folder", file=root, field=what, fix="give an image-folder tree: ROOT/CLASS/IMAGE")
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
@@ -238,7 +240,9 @@ class _TensorDataset(torch.utils.data.Dataset):
         return self.data.images[j], int(self.data.labels[j])
 
 
-def split_holdout(labels: torch.Tensor, fraction: float, *, seed: int, max_count: int = 2000) -> tuple[list[int], list[int]]:
+def split_holdout(
+    labels: torch.Tensor, fraction: float, *, seed: int, max_count: int = 2000
+) -> tuple[list[int], list[int]]:
     """Deterministic stratified split into (train, held-out) indices. The held-out images never
     reach distillation, so the fidelity measured on them is an honest generalisation figure. Each
     class keeps at least one training image."""
@@ -269,7 +273,9 @@ def data_labels(data: ImageFolder | TensorData) -> torch.Tensor:
     return data.labels() if isinstance(data, ImageFolder) else data.labels
 
 
-def load_all(data: ImageFolder | TensorData, indices: list[int], size: int, *, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def load_all(
+    data: ImageFolder | TensorData, indices: list[int], size: int, *, num_workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Load the given samples into one uint8 [n,3,size,size] tensor plus labels (small subsets
     only: held-out images, RDED candidates)."""
     if not indices:

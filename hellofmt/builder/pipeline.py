@@ -41,16 +41,91 @@ from .inputs import (
 )
 from .teachers import check_teacher_specs, load_teachers
 
-__all__ = ["BuildResult", "build_bundle"]
+__all__ = ["BuildResult", "build_bundle", "build_warnings", "agreement_floor"]
 
 
 class BuildResult(dict):
     """What :func:`build_bundle` returns: ``path`` (the bundle, or None on ranks other than 0), ``metrics``,
-    ``timings`` (seconds per stage) and ``summary`` (the ``hellofmt info`` text)."""
+    ``timings`` (seconds per stage), ``summary`` (the ``hellofmt info`` text) and ``warnings`` (what about
+    the build should worry its user, each with the fix; also recorded in ``provenance.extra.warnings``)."""
 
     @property
     def path(self) -> Path | None:
         return self.get("path")
+
+
+def agreement_floor(num_classes: int) -> float:
+    """The held-out agreement below which :func:`build_warnings` flags a projector: twice chance
+    (``2 / C``), a projector that has barely learned its teacher whatever the class count, capped at
+    halfway between chance and 100% so that 2- and 3-class sets (where twice chance is 100%) are judged
+    too. Not a fixed 50%: on 1000 classes 40% agreement carries much information, on 2 classes 50% none."""
+    chance = 1.0 / num_classes
+    return min(2.0 * chance, (1.0 + chance) / 2.0)
+
+
+def build_warnings(
+    metrics: Mapping[str, float],
+    *,
+    num_classes: int,
+    config: BuildConfig,
+    train_count: int | None = None,
+    originals_per_class: Sequence[int] | None = None,
+    classes: Sequence[str] | None = None,
+) -> list[str]:
+    """What about a finished build should worry its user, one sentence each with the fix.
+
+    - held-out top-1 agreement with the teacher below :func:`agreement_floor` (or, with no held-out
+      images, agreement on the bundle's views): the projector has barely learned the teacher;
+    - distillation shorter than one pass over the training originals;
+    - ``--ipc`` at or above the originals of some class: its images reuse the same few originals.
+
+    Args:
+        metrics: the build's metrics (``fidelity.heldout.top1_agreement``, ``distill.steps``, ...).
+        num_classes: the class count (chance is ``1 / num_classes``).
+        config: the build's options (``ipc``, ``factor``, ``lr``, ``batch_size``, ...).
+        train_count: original images the projector was distilled on.
+        originals_per_class: training originals of each class (None: images were given, not selected).
+        classes: class names, to name the classes concerned.
+
+    Returns:
+        The warnings, possibly none.
+    """
+    out = []
+    steps = int(metrics.get("distill.steps", 0))
+    where, agree = "held-out original images", metrics.get("fidelity.heldout.top1_agreement")
+    if agree is None:
+        where, agree = "the bundle's own views", metrics.get("fidelity.synthetic.top1_agreement")
+    floor = agreement_floor(num_classes)
+    if agree is not None and agree < floor:
+        rule = "twice chance" if floor == 2.0 / num_classes else "halfway between chance and 100%"
+        out.append(
+            f"the projector agrees with the teacher on only {100 * agree:.1f}% of {where} (chance is "
+            f"{100 / num_classes:.1f}% for {num_classes} classes; flagged below {100 * floor:.1f}%, {rule}): "
+            f"it has barely learned the teacher in {steps} distillation step(s), and its labels are close to "
+            f"noise. Fix: distil longer (raise --min-steps or --epochs{'; drop --steps' if config.steps else ''}) "
+            f"or raise --lr (now {config.lr:g})."
+        )
+    if train_count and steps and steps * config.batch_size < train_count:
+        out.append(
+            f"distillation ran {steps} step(s) of {config.batch_size} views, {steps * config.batch_size:,} views in "
+            f"all: less than one pass over the {train_count:,} training originals. Fix: raise --min-steps or "
+            f"--epochs{' (or drop --steps)' if config.steps else ''}."
+        )
+    if config.ipc is not None and originals_per_class:
+        short = [i for i, n in enumerate(originals_per_class) if n <= config.ipc]
+        if short:
+            fewest = min(short, key=lambda i: originals_per_class[i])
+            name = f" ({classes[fewest]!r})" if classes is not None else ""
+            k = (config.factor or 1) ** 2
+            out.append(
+                f"--ipc {config.ipc} asks for as many images per class as there are training originals, or more, "
+                f"in {len(short)} of {num_classes} classes (fewest: {originals_per_class[fewest]}{name}): their "
+                f"{config.ipc} images are stitched from {config.ipc * k:,} crops of at most "
+                f"{originals_per_class[fewest]} distinct originals, so images repeat sources, and the bundle "
+                f"holds no fewer images than the data it distils. Fix: --ipc below {min(originals_per_class)}, "
+                f"or add originals."
+            )
+    return out
 
 
 def _resolve_data(train_data, classes) -> tuple[ImageFolder | TensorData, list[str]]:
@@ -160,7 +235,8 @@ def build_bundle(
 
     Returns:
         A :class:`BuildResult`: ``path`` (None on torchrun ranks other than 0), ``metrics``, ``timings``
-        (seconds per stage) and ``summary`` (the ``hellofmt info`` text).
+        (seconds per stage), ``summary`` (the ``hellofmt info`` text) and ``warnings`` (see
+        :func:`build_warnings`; also recorded in the manifest's ``provenance.extra.warnings``).
 
     Raises:
         BuildInputError: an unknown option name (with the closest one), an option out of range, or
@@ -243,7 +319,7 @@ def build_bundle(
             metrics["distill.final_loss"] = stats["loss"]
             metrics["distill.train_agreement"] = stats["agreement"]
         if not world.is_main:
-            return BuildResult(path=None, metrics=metrics, timings=timings, summary=None)
+            return BuildResult(path=None, metrics=metrics, timings=timings, summary=None, warnings=[])
 
         projector.eval()
         for p in projector.parameters():
@@ -285,6 +361,9 @@ def build_bundle(
         from .fidelity import measure
 
         with _timed(timings, "fidelity"):
+            if c.delta_dtype != "float32":  # from here on, every label measured or recorded is the stored deltas'
+                for k, v in _round_deltas(projector, syn, c, size).items():
+                    metrics[f"delta_encoding.{k}"] = v
             for k, v in measure(projector, ens, syn, syn_labels, view_size=size, views=c.fidelity_views,
                                 temperature=c.temperature, mix=c.mix, scale=tuple(c.scale)).items():
                 metrics[f"fidelity.synthetic.{k}"] = v
@@ -293,12 +372,17 @@ def build_bundle(
                                 views=c.fidelity_views, temperature=c.temperature, mix="none",
                                 scale=tuple(c.scale)).items():
                 metrics[f"fidelity.heldout.{k}"] = v
-            deltas = projector.delta_tensors()  # float32 contiguous CPU copies
-            info = projector.projector_info()
+            deltas = projector.delta_tensors(c.delta_dtype)  # as the projector file stores them
+            info = projector.projector_info(c.delta_dtype)
             projector.merge()
             from ..probe import compute_probe
 
             probe_rec = compute_probe(projector, syn)
+            warnings = build_warnings(
+                metrics, num_classes=num_classes, config=c, train_count=len(train_idx), classes=names,
+                originals_per_class=(torch.bincount(labels_all[train_idx], minlength=num_classes).tolist()
+                                     if images is None and train_idx else None),
+            )
 
         # ---- 6. write ----------------------------------------------------------------------------
         from ..bundle import Bundle, BundleWriter
@@ -315,6 +399,7 @@ def build_bundle(
                     w.write_tensors(ref.weights_file, embedded_state,
                                     {"format": "hellofmt-foundation", "architecture": ref.architecture})
                 manifest = Manifest(
+                    format_version=info.format_version,
                     classes=list(names),
                     foundation=ref,
                     head=Head(templates=list(c.templates or DEFAULT_TEMPLATES), logit_scale=projector.logit_scale),
@@ -328,17 +413,19 @@ def build_bundle(
                         build_args=c.to_dict(),
                         seed=c.seed,
                         extra={"timings_s": {k: round(v, 3) for k, v in timings.items()},
-                               "world_size": world.size, "device": str(dev)},
+                               "world_size": world.size, "device": str(dev),
+                               **({"warnings": warnings} if warnings else {})},
                     ),
                     metrics={k: float(v) for k, v in metrics.items()},
                     probe=probe_rec,
+                    class_folders=list(data.folders) if isinstance(data, ImageFolder) else None,
                 )
                 path = w.commit(manifest)
         bundle = Bundle.open(path)
-        summary = format_summary(summarize(bundle))
+        summary = format_summary(summarize(bundle), show_warnings=False)  # the caller shows `warnings`
         if not c.keep_checkpoints and store.enabled:
             shutil.rmtree(store.dir, ignore_errors=True)
-        return BuildResult(path=path, metrics=metrics, timings=timings, summary=summary)
+        return BuildResult(path=path, metrics=metrics, timings=timings, summary=summary, warnings=warnings)
     finally:
         world.close()
 
@@ -351,6 +438,28 @@ def _embedder(projector):
         return projector._encode(projector.preprocess(views)).float()
 
     return embed
+
+
+def _round_deltas(projector: nn.Module, images: torch.Tensor, c: BuildConfig, size: int) -> dict[str, float]:
+    """Put the trained deltas through ``c.delta_dtype`` (what the file will hold) and measure how far the
+    labels moved: float32 logits before and after on ``c.fidelity_views`` random-resized-crop views of each
+    image (at most 4096 views), at the label temperature."""
+    from ..probe import exact_float32
+    from .distill import make_views, step_generator
+
+    per = max(1, min(c.fidelity_views, 4096 // max(1, images.shape[0])))
+    n = min(images.shape[0], 4096)
+
+    def views():
+        for v in range(per):
+            g = step_generator(c.seed, 7, v, images.device)
+            for s in range(0, n, 64):
+                x = images[s:min(s + 64, n)]
+                yield make_views(x, torch.zeros(x.shape[0], dtype=torch.int64, device=x.device), size=size,
+                                 generator=g, scale=tuple(c.scale), mix="none")[0]
+
+    with exact_float32(images.device):
+        return projector.round_deltas_(c.delta_dtype, views, temperature=c.temperature)
 
 
 def _embed(spec: Any, embed: bool | None) -> bool:

@@ -170,7 +170,9 @@ def _load_file(spec: TeacherSpec) -> nn.Module:
     return model
 
 
-def load_teacher(spec: str | TeacherSpec | nn.Module, *, num_classes: int, weights: str | None = None) -> tuple[nn.Module, str]:
+def load_teacher(
+    spec: str | TeacherSpec | nn.Module, *, num_classes: int, weights: str | None = None
+) -> tuple[nn.Module, str]:
     """Load one teacher from a spec string (or accept a module as is): returns (module in eval
     mode with frozen parameters, a one-line description for the manifest's provenance)."""
     if isinstance(spec, nn.Module):
@@ -240,7 +242,9 @@ def _pair_weights(specs: list, weights) -> list[tuple[object, str | None]]:
     return [(s, pending.pop(0) if isinstance(s, str) and s.startswith("timm:") and pending else None) for s in specs]
 
 
-def check_teacher_specs(specs: list[str | nn.Module] | str | nn.Module, weights: list[str | None] | str | None = None) -> None:
+def check_teacher_specs(
+    specs: list[str | nn.Module] | str | nn.Module, weights: list[str | None] | str | None = None
+) -> None:
     """Check every teacher spec without building any model: syntax, files present, a known timm
     architecture, weights as safetensors. Run before the foundation is loaded, so a typo costs
     nothing (a real foundation can be a large download)."""

@@ -7,10 +7,11 @@ import struct
 
 import pytest
 
-from _hostile import edit_manifest, replace_file, snapshot
-from bundles import make_format_bundle
 from hellofmt.bundle import Bundle, UnlistedFileWarning
 from hellofmt.errors import IntegrityError, MissingFileError, TensorFileError, UnsafePathError
+
+from _hostile import edit_manifest, replace_file, snapshot
+from bundles import make_format_bundle
 
 
 @pytest.fixture

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from _hostile import edit_manifest, snapshot
-from bundles import make_format_bundle
 from hellofmt.bundle import Bundle
 from hellofmt.errors import BundleNotFoundError, FormatVersionError, ManifestError
 from hellofmt.manifest import MANIFEST_NAME
+
+from _hostile import edit_manifest, snapshot
+from bundles import make_format_bundle
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_wrong_format_name(bundle):
 
 
 def test_newer_major_version(bundle):
-    edit_manifest(bundle, lambda o: o.update(format_version="2.0"))
+    edit_manifest(bundle, lambda o: o.update(format_version="3.0"))
     err = refused(bundle, FormatVersionError, "newer")
     assert err.field == "format_version" and "upgrade" in err.fix
 

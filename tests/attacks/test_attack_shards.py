@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _hostile import edit_manifest, replace_file, shard_bytes, snapshot
-from bundles import make_format_bundle, smooth_images
 from hellofmt.bundle import Bundle
 from hellofmt.errors import ImageDecodeError, ImageStoreError, TensorFileError
 from hellofmt.imagestore import encode_image
+
+from _hostile import edit_manifest, replace_file, shard_bytes, snapshot
+from bundles import make_format_bundle, smooth_images
 
 SHARD = "images-00000-of-00001.safetensors"
 META = {"format": "hellofmt-images", "codec": "png", "height": "16", "width": "16", "count": "6"}

@@ -12,12 +12,13 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from _hostile import replace_file, snapshot
-from bundles import make_format_bundle
 from hellofmt.bundle import Bundle
 from hellofmt.errors import BuildError, FoundationError, TeacherError, TensorFileError
 from hellofmt.manifest import FOUNDATION_FILE, PROJECTOR_FILE
 from hellofmt.tensorfile import DEFAULT_DTYPES, load_safetensors, read_safetensors_header
+
+from _hostile import replace_file, snapshot
+from bundles import make_format_bundle
 
 
 def _past_the_end(good: bytes) -> bytes:

@@ -1,0 +1,76 @@
+"""`hellofmt show`: a bundle's images as a PNG contact sheet, one row per class with its name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from hellofmt.cli import main
+from hellofmt.errors import InputError
+from hellofmt.show import GAP, MIN_TILE, contact_sheet, resolve_classes, write_contact_sheet
+
+from bundles import make_format_bundle
+
+
+def _solid_bundle(path, num_classes=3, per_class=4, side=16):
+    """Class c's images are one solid colour, (60 * (c + 1), 0, 255 - 60 * c), so tiles can be told apart."""
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    images = torch.zeros(len(labels), 3, side, side, dtype=torch.uint8)
+    for i, c in enumerate(labels.tolist()):
+        images[i, 0], images[i, 2] = 60 * (c + 1), 255 - 60 * c
+    b = make_format_bundle(path, classes=[f"class {c}" for c in range(num_classes)], images=images, labels=labels)
+    obj = json.loads((b / "hellofmt.json").read_text())
+    obj["class_folders"] = [f"n{c:08d}" for c in range(num_classes)]
+    (b / "hellofmt.json").write_text(json.dumps(obj))
+    return b
+
+
+def test_sheet_grid_size_and_tiles(tmp_path):
+    b = _solid_bundle(tmp_path / "b")
+    layout = write_contact_sheet(b, tmp_path / "grid.png", per_class=3)
+    img = Image.open(tmp_path / "grid.png")
+    assert img.format == "PNG"
+    tile = MIN_TILE  # 16-px images are enlarged to the minimum tile
+    assert (layout.columns, layout.tile, layout.rows) == (3, tile, [0, 1, 2])
+    assert img.size == (layout.label_width + 3 * (tile + GAP) + GAP, 3 * (tile + GAP) + GAP)
+    # row r, column j holds a tile of class r's colour
+    for r in range(3):
+        for j in range(3):
+            x = layout.label_width + GAP + j * (tile + GAP) + tile // 2
+            y = GAP + r * (tile + GAP) + tile // 2
+            assert img.getpixel((x, y)) == (60 * (r + 1), 0, 255 - 60 * r)
+    # the label column has ink (the class name) on the white background
+    label = img.crop((0, GAP, layout.label_width, GAP + tile)).convert("L")
+    assert label.getextrema()[0] < 128
+
+
+def test_classes_by_name_folder_or_index_in_the_order_asked(tmp_path):
+    b = _solid_bundle(tmp_path / "b")
+    sheet = contact_sheet(b, classes=["class 2", "n00000000"], per_class=1, tile=20)
+    assert sheet.height == 2 * (20 + GAP) + GAP
+    assert resolve_classes(["1", "class 0", "1"], ["class 0", "class 1"]) == [1, 0]
+    with pytest.raises(InputError) as e:
+        resolve_classes(["clas 1"], ["class 0", "class 1"])
+    assert "did you mean 'class 1'" in str(e.value) and e.value.field == "--classes"
+    with pytest.raises(InputError):
+        resolve_classes(["7"], ["class 0", "class 1"])
+
+
+def test_cli_show(tmp_path):
+    b = _solid_bundle(tmp_path / "b", num_classes=4, per_class=2, side=200)
+    out = tmp_path / "sheets" / "s.png"
+    r = CliRunner().invoke(main, ["show", str(b), "--out", str(out), "--classes", "class 1,class 3",
+                                  "--max-per-class", "5"])
+    assert r.exit_code == 0, r.output
+    img = Image.open(out)
+    # 200-px images are shrunk to the largest tile; only 2 images per class exist
+    assert img.height == 2 * (160 + GAP) + GAP
+    assert "2 classes x up to 2 images" in r.output and f"{img.width}x{img.height} px" in r.output
+    r = CliRunner().invoke(main, ["show", str(b), "--out", str(tmp_path / "s.jpg")])
+    assert r.exit_code == 2 and "PNG" in r.output
+    r = CliRunner().invoke(main, ["show", str(b), "--out", str(tmp_path / "x.png"), "--classes", "nope"])
+    assert r.exit_code == 2 and "'nope' is not a class of the bundle" in r.output
