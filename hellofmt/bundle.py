@@ -510,7 +510,8 @@ def _pinned_root(fd: int | None) -> Path | None:
     return proc if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino) else None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename inside it survives a crash (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories; the rename is still atomic
@@ -704,7 +705,7 @@ def _recover_and_sweep(target: Path) -> None:
         if olds:
             news = [p for kind, p in debris if kind == "tmp" and _complete(p)]
             os.rename((news or olds)[-1], target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             debris = _debris(target)
     for _, path in debris:
         _remove_debris(path)
@@ -923,7 +924,7 @@ class BundleWriter:
             _step("manifest")
             os.unlink(self.tmpdir / DEBRIS_MARKER)  # complete from here on
             _step("unmark")
-            _fsync_dir(self.tmpdir)
+            fsync_dir(self.tmpdir)
             _step("fsync-tmp")
         self._check_target()
         old = None
@@ -947,7 +948,7 @@ class BundleWriter:
                 _step("move-in")
         self.committed = True
         try:
-            _fsync_dir(self.out.parent)
+            fsync_dir(self.out.parent)
             _step("fsync-parent")
             if old is not None:
                 _remove_debris(old)
@@ -970,3 +971,39 @@ def _os_errors(file: Path):
         where = e.filename if isinstance(e.filename, str) else file
         raise BundleError(f"cannot write: {e.strerror or e}", file=where,
                           fix="check the path, the free space and the permissions") from None
+
+
+def update_manifest(path: str | os.PathLike[str], change, *, lock_timeout: float | None = 30.0) -> Manifest:
+    """Rewrite a bundle's ``hellofmt.json`` in place under the bundle's write lock: ``change(manifest)``
+    edits the manifest as it is now; the result is validated, written to a temporary file in the
+    bundle, fsynced and renamed over the manifest, so a reader sees the old or the new one. The
+    manifest is not in its own file list, so every file hash stays valid. Used by
+    ``hellofmt eval --record``.
+
+    Raises:
+        BundleLockedError: a writer holds the bundle for longer than ``lock_timeout`` seconds.
+    """
+    target = Path(path)
+    lock = _Lock(target)
+    if not lock.acquire(lock_timeout):
+        raise BundleLockedError(f"{lock.holder()} is writing this bundle (lock {lock.path.name})", file=target,
+                                fix="wait for it to finish and try again")
+    try:
+        manifest = Bundle.open(target).manifest
+        change(manifest)
+        out = target / MANIFEST_NAME
+        manifest.validate(file=str(out))
+        tmp = target / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(manifest.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, out)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        fsync_dir(target)
+        return manifest
+    finally:
+        lock.release()

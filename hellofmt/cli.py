@@ -39,7 +39,7 @@ def main() -> None:
     """hellofmt: distilled image datasets whose soft labels come from a low-rank CLIP projector."""
 
 
-@main.command()
+@main.command(short_help="Summarise a bundle, section by section.")
 @click.argument("bundle", type=str)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (counts as integers).")
 @click.option("--max-classes", type=click.IntRange(min=0), default=DEFAULT_MAX_CLASSES, show_default=True,
@@ -58,7 +58,7 @@ def info(bundle: str, as_json: bool, max_classes: int) -> None:
         click.echo(format_summary(summary, max_classes=max_classes))
 
 
-@main.command()
+@main.command(short_help="Check every file of a bundle.")
 @click.argument("bundle", type=str)
 @_friendly_errors
 def verify(bundle: str) -> None:
@@ -98,18 +98,23 @@ class _BuildCommand(click.Command):
         self._all_params: list[click.Parameter] | None = None
 
 
-@main.command(cls=_BuildCommand)
+@main.command(cls=_BuildCommand, short_help="Build a bundle from data and teacher(s).")
 @click.option("--train-data", required=True, type=click.Path(path_type=str), help="Image-folder tree: DIR/CLASS/IMAGE.")
-@click.option("--classes", type=click.Path(path_type=str), help="JSON or TSV map: class folder -> readable name.")
+@click.option("--classes", type=click.Path(path_type=str),
+              help="JSON or TSV map: class folder -> readable name (default: the folder names).")
 @click.option("--teacher", "teachers", required=True, multiple=True,
-              help="timm:NAME or FILE.py:FACTORY; repeat to average several teachers.")
+              help="timm:NAME (with --teacher-weights) or FILE.py:FACTORY, where FACTORY is a function of FILE.py "
+              "with no arguments returning an nn.Module in eval mode that takes float images in [0, 1] "
+              "([B, 3, H, W]) and returns logits [B, C] over the classes in class-folder (sorted) order. "
+              "Repeat to average several teachers (their logits).")
 @click.option("--teacher-weights", multiple=True, type=click.Path(path_type=str),
-              help="safetensors weights of each timm teacher, in order.")
+              help="safetensors weights of each timm teacher, in order (required for timm:NAME teachers).")
 @click.option("--foundation", required=True, help="ARCH:TAG, hf-hub:ORG/REPO or CONFIG.json[:WEIGHTS.safetensors].")
 @click.option("--out", required=True, type=click.Path(path_type=str), help="Bundle directory to write.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--images", type=click.Path(path_type=str),
-              help="Pre-made distilled images (image folder, same classes), instead of --ipc.")
+              help="Pre-made distilled images (image folder, same class folders; e.g. from hellofmt export), "
+              "instead of --ipc.")
 @_friendly_errors
 def build(train_data: str, classes: str | None, teachers: tuple[str, ...], teacher_weights: tuple[str, ...],
           foundation: str, out: str, quiet: bool, images: str | None, **options) -> None:
@@ -128,14 +133,16 @@ def build(train_data: str, classes: str | None, teachers: tuple[str, ...], teach
         click.echo(f"warning: {w}", err=True)
 
 
-@main.command()
+@main.command(short_help="Upload a bundle to the Hugging Face Hub.")
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repository as private (when it does not exist yet).")
 @click.option("--revision", default=None, help="Branch to commit to (created if needed; default: main).")
-@click.option("--message", default=None, help="Commit message.")
+@click.option("--message", default=None,
+              help="Commit message (default: a one-line summary of the bundle).")
 @click.option("--token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`).")
-@click.option("--license", "license_", default=None, help="License id for the dataset card (e.g. apache-2.0).")
+@click.option("--license", "license_", default=None,
+              help="License id for the dataset card, e.g. apache-2.0 (default: none given).")
 @_friendly_errors
 def push(bundle: str, repo_id: str, private: bool, revision: str | None, message: str | None,
          token: str | None, license_: str | None) -> None:
@@ -147,11 +154,12 @@ def push(bundle: str, repo_id: str, private: bool, revision: str | None, message
     click.echo(url)
 
 
-@main.command()
+@main.command(short_help="Download a bundle from the Hub, checked.")
 @click.argument("repo_id")
 @click.argument("directory", required=False, type=click.Path(file_okay=False, path_type=str))
 @click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
-@click.option("--token", default=None, help="Hugging Face token, for private repositories.")
+@click.option("--token", default=None,
+              help="Hugging Face token, for private repositories (default: HF_TOKEN or `hf auth login`).")
 @click.option("--force-download", is_flag=True, help="Download again even if the files are cached.")
 @_friendly_errors
 def pull(repo_id: str, directory: str | None, revision: str | None, token: str | None, force_download: bool) -> None:
@@ -162,7 +170,7 @@ def pull(repo_id: str, directory: str | None, revision: str | None, token: str |
     click.echo(str(pull_bundle(repo_id, directory, revision=revision, token=token, force_download=force_download)))
 
 
-@main.command()
+@main.command(short_help="Write a contact sheet PNG of a bundle.")
 @click.argument("bundle", type=str)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=str),
               help="PNG file to write (default: NAME-grid.png in the current folder, NAME the bundle folder's).")
@@ -187,33 +195,60 @@ def show(bundle: str, out: str | None, per_class: int, classes: tuple[str, ...],
                f"{layout.width}x{layout.height} px")
 
 
-@main.command("eval")
+@main.command(short_help="Write a bundle's images as an image folder.")
+@click.argument("bundle", type=str)
+@click.argument("directory", metavar="DIR", type=click.Path(path_type=str))
+@_friendly_errors
+def export(bundle: str, directory: str) -> None:
+    """Write BUNDLE's images (a folder, or a Hub id pulled through the cache) as an image folder
+    DIR/CLASS_FOLDER/NNNNN.png, lossless, for tools that read folders (and `hellofmt build --images`).
+
+    Class folders are the ones the bundle was built from, when recorded, else safe forms of the class
+    names. DIR must be new or empty: nothing is replaced."""
+    from .bundle import Bundle  # imports torch: kept out of the CLI's start-up
+    from .hub import local_bundle
+    from .show import export_images
+
+    b = Bundle.open(local_bundle(bundle))
+    counts = export_images(b, directory)
+    click.echo(f"wrote {sum(counts.values())} images ({b.manifest.images.height}x{b.manifest.images.width} PNG) "
+               f"in {len(counts)} class folders to {directory}")
+    for folder, n in counts.items():
+        click.echo(f"  {folder}/: {n}")
+
+
+@main.command("eval", short_help="Train students on a bundle; report top-1.")
 @click.argument("bundle", type=str)
 @click.option("--val", required=True, type=click.Path(path_type=str),
               help="Held-out image folder VAL/CLASS/IMAGE with the bundle's classes (undecodable images are skipped).")
 @click.option("--val-classes", type=click.Path(path_type=str),
-              help="JSON or TSV map: val folder -> bundle class name (as build's --classes).")
+              help="JSON or TSV map: val folder -> bundle class name, as build's --classes "
+              "(default: the folder names).")
 @click.option("--arms", help="Comma-separated arms: bundle, hard, teacher, random (default: all the inputs allow).")
 @click.option("--student",
               help="convnet[:depth=D,width=W,norm=N], timm:NAME or FILE.py:FACTORY (default: the protocol's).")
 @click.option("--protocol", default="quick", show_default=True, help="Student recipe: quick, rded or sre2l.")
 @click.option("--teacher", "teachers", multiple=True,
-              help="The teacher arm's labeller: timm:NAME or FILE.py:FACTORY (repeat to average several).")
+              help="The teacher arm's labeller: timm:NAME or FILE.py:FACTORY, as build's --teacher (repeat to average "
+              "several; default: none, no teacher arm).")
 @click.option("--teacher-weights", multiple=True, type=click.Path(path_type=str),
-              help="safetensors weights of each timm teacher, in order.")
-@click.option("--train-data", type=click.Path(path_type=str), help="The original training image folder (random arm).")
+              help="safetensors weights of each timm teacher, in order (required for timm:NAME teachers).")
+@click.option("--train-data", type=click.Path(path_type=str),
+              help="The original training image folder, for the random arm (default: none, no random arm).")
 @click.option("--train-classes", type=click.Path(path_type=str),
               help="Class map for --train-data's folders (default: --val-classes).")
 @click.option("--seeds", default=3, show_default=True, help="Students per arm (seeds 0..K-1).")
-@click.option("--epochs", type=int, help="Override the protocol's epochs.")
-@click.option("--batch-size", type=int, help="Override the protocol's batch size (global under torchrun).")
-@click.option("--lr", type=float, help="Override the protocol's learning rate.")
-@click.option("--weight-decay", type=float, help="Override the protocol's weight decay.")
-@click.option("--temperature", type=float, help="Override the protocol's label and student temperature.")
-@click.option("--mix", type=click.Choice(MIX_MODES), help="Override the protocol's mixing.")
+@click.option("--epochs", type=int, help="Student epochs (default: the protocol's).")
+@click.option("--batch-size", type=int, help="Batch size, global under torchrun (default: the protocol's).")
+@click.option("--lr", type=float, help="Student learning rate (default: the protocol's).")
+@click.option("--weight-decay", type=float, help="Student weight decay (default: the protocol's).")
+@click.option("--temperature", type=float, help="Label and student temperature (default: the protocol's).")
+@click.option("--mix", type=click.Choice(MIX_MODES),
+              help="Mixing of the student's batches (default: the protocol's).")
 @click.option("--image-size", type=int, help="Student and val image side (default: the bundle's image size).")
 @click.option("--device", help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available).")
-@click.option("--json", "json_path", type=click.Path(path_type=str), help="Also write the results as JSON here.")
+@click.option("--json", "json_path", type=click.Path(path_type=str),
+              help="Also write the results as JSON here (default: not written).")
 @click.option("--record", is_flag=True, help="Append the results to the bundle manifest's evaluations.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_friendly_errors
@@ -234,7 +269,7 @@ def eval_(bundle: str, teachers: tuple[str, ...], teacher_weights: tuple[str, ..
 
 
 
-@main.command()
+@main.command(short_help="Re-encode a bundle's deltas, e.g. to int8.")
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=str))
 @click.option("--delta-dtype", type=click.Choice(DELTA_ENCODINGS), default="int8", show_default=True,
               help="The new encoding of the deltas (int8: per-row scales, a quarter of float32).")

@@ -39,7 +39,7 @@ from torch import nn
 
 from . import __version__
 from .errors import EvalInputError, HellofmtError
-from .manifest import MANIFEST_NAME, Evaluation
+from .manifest import Evaluation
 from .students import (
     Protocol,
     build_student,
@@ -526,36 +526,11 @@ def _local_manifest(bundle) -> Any:
 
 
 def _write_manifest_atomically(bundle_dir: Path, evaluation: Evaluation) -> None:
-    """Append ``evaluation`` to the bundle's manifest: a temporary file in the bundle folder,
-    fsynced, then renamed over ``hellofmt.json``. The manifest is not hashed, so every file hash
-    stays valid."""
-    from .bundle import Bundle
+    """Append ``evaluation`` to the bundle's manifest, atomically and under the bundle's write lock
+    (:func:`hellofmt.bundle.update_manifest`); every file hash stays valid."""
+    from .bundle import update_manifest
 
-    bundle = Bundle.open(bundle_dir)  # the manifest as it is now, not as it was when training began
-    manifest = bundle.manifest
-    manifest.evaluations.append(evaluation)
-    target = bundle_dir / MANIFEST_NAME
-    manifest.validate(file=str(target))
-    tmp = bundle_dir / f".{MANIFEST_NAME}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(manifest.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:
-        fd = os.open(bundle_dir, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    update_manifest(bundle_dir, lambda m: m.evaluations.append(evaluation))
 
 
 def evaluate(

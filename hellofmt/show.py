@@ -5,12 +5,17 @@ mosaics of patches? do they repeat?), and the only other way to see them is ``ds
 plotting library. :func:`contact_sheet` draws them with Pillow alone: a label column (the class name,
 its image folder when that differs, and its image count), then up to ``per_class`` tiles. Small
 images are enlarged with nearest-neighbour resampling so their pixels stay as stored.
+
+:func:`export_images` (``hellofmt export``) writes the same images as an image folder
+``DIR/CLASS_FOLDER/NNNNN.png`` for tools that read folders; lossless PNG, so the pixels are the stored ones
+and ``hellofmt build --images DIR`` reads them back unchanged.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 from .bundle import Bundle
 from .errors import InputError
 
-__all__ = ["SheetLayout", "contact_sheet", "resolve_classes", "write_contact_sheet"]
+__all__ = ["SheetLayout", "class_folder_names", "contact_sheet", "export_images", "resolve_classes",
+           "write_contact_sheet"]
 
 GAP = 2  # pixels between tiles and rows
 MIN_TILE = 64  # smaller images are enlarged to this side, so a 32-px image is visible
@@ -202,3 +208,77 @@ def write_contact_sheet(
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(out, format="PNG")
     return layout
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _safe_folder(name: str) -> str:
+    """``name`` as one portable path component: runs of other characters become ``_``; no dot or ``_`` at the ends."""
+    return _UNSAFE.sub("_", name.strip()).strip("._")[:100]
+
+
+def class_folder_names(classes: Sequence[str], folders: Sequence[str] | None = None) -> list[str]:
+    """The folder each class is exported to: its recorded image folder, else a filesystem-safe class name.
+
+    A recorded folder that is not one plain path component (a separator, ``..``, a control character) is
+    made safe the same way, so a bundle can never make :func:`export_images` write outside its folder.
+    Names that would clash (also ignoring case, as macOS and Windows do) get ``_<index>`` appended.
+
+    Args:
+        classes: the bundle's class names.
+        folders: the bundle's class folder names (``manifest.class_folders``), if recorded.
+
+    Returns:
+        One distinct folder name per class, in label order.
+    """
+    out: list[str] = []
+    seen: set[str] = set()
+    for i, name in enumerate(classes):
+        folder = folders[i] if folders else name
+        if not folder or _safe_folder(folder) != folder:
+            folder = _safe_folder(folder) or f"class_{i}"
+        if folder.lower() in seen:
+            folder = f"{folder}_{i}"
+        seen.add(folder.lower())
+        out.append(folder)
+    return out
+
+
+def export_images(bundle: Bundle | str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """Write a bundle's images as an image folder ``out_dir/CLASS_FOLDER/NNNNN.png`` (numbered per class).
+
+    The class folders are the manifest's ``class_folders`` when recorded, else filesystem-safe class
+    names (:func:`class_folder_names`). ``out_dir`` may exist only if empty: nothing is ever replaced.
+
+    Args:
+        bundle: an opened :class:`~hellofmt.bundle.Bundle` or a bundle directory.
+        out_dir: the folder to create (or an empty folder to fill).
+
+    Returns:
+        The number of images written to each class folder, in label order.
+
+    Raises:
+        InputError: ``out_dir`` is a file, or a folder that is not empty.
+        HellofmtError: the bundle cannot be opened or its images decoded.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError("is a file, not a folder", file=out, field="DIR",
+                         fix="give a new folder name for the exported images")
+    if out.is_dir() and any(out.iterdir()):
+        raise InputError("already exists and is not empty; export never replaces files", file=out, field="DIR",
+                         fix="give a new (or empty) folder, or remove this one yourself")
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.open(bundle)
+    m = bundle.manifest
+    folders = class_folder_names(m.classes, m.class_folders)
+    images, labels = bundle.read_images()  # decode everything first: a bad bundle leaves no half-written folder
+    counts = dict.fromkeys(folders, 0)
+    for f in folders:
+        (out / f).mkdir(parents=True, exist_ok=True)
+    for img, c in zip(images, labels.tolist()):
+        f = folders[c]
+        Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB").save(out / f / f"{counts[f]:05d}.png", format="PNG")
+        counts[f] += 1
+    return counts

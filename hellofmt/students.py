@@ -165,18 +165,10 @@ def parse_student_spec(spec: str) -> StudentSpec:
 
 
 def _timm_student(spec: StudentSpec, num_classes: int) -> nn.Module:
-    try:
-        import timm  # optional at import time: only timm students need it
-    except ImportError:
-        raise EvalInputError("timm is not installed", field="--student", fix="pip install timm") from None
-    if not timm.is_model(spec.name):
-        import difflib
+    # The builder's check (timm installed, architecture known), so teachers and students say the same.
+    from .builder.teachers import check_timm_architecture
 
-        close = difflib.get_close_matches(spec.name, timm.list_models(), n=5)
-        raise EvalInputError(
-            f"timm has no architecture {spec.name!r}" + (f" (closest: {', '.join(close)})" if close else ""),
-            field="--student", fix="see timm.list_models()",
-        )
+    timm = check_timm_architecture(spec.name, error=EvalInputError, option="--student")
     try:
         model = timm.create_model(spec.name, pretrained=False, num_classes=num_classes)
     except Exception as e:  # noqa: BLE001 - timm raises many kinds for bad configurations

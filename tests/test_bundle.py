@@ -213,3 +213,24 @@ def test_property_bundles_round_trip(tmp_path_factory, classes, n, h, w, codec, 
     x, y = b.read_images()
     assert torch.equal(x, images) and torch.equal(y, labels)
     assert b.verify() == []
+
+
+def test_update_manifest_rewrites_in_place_under_the_lock(tmp_path):
+    import pytest
+
+    from hellofmt.bundle import Bundle, _Lock, update_manifest
+    from hellofmt.errors import BundleLockedError
+
+    path = make_format_bundle(tmp_path / "b")
+    update_manifest(path, lambda m: m.metrics.update({"note.x": 1.5}))
+    b = Bundle.open(path, verify=True)  # every file hash still holds
+    assert b.manifest.metrics["note.x"] == 1.5
+    lock = _Lock(path)
+    assert lock.acquire(0)
+    try:
+        with pytest.raises(BundleLockedError):
+            update_manifest(path, lambda m: m.metrics.update({"note.x": 2.0}), lock_timeout=0)
+    finally:
+        lock.release()
+    assert Bundle.open(path).manifest.metrics["note.x"] == 1.5
+    assert not [p for p in path.iterdir() if p.name.endswith(".tmp")]

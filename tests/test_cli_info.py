@@ -258,3 +258,16 @@ def test_ratio_wording_says_larger_when_the_projector_outweighs_the_labels():
     assert ratio_text(2.5) == "2.5x smaller than stored labels"
     assert ratio_text(0.5).startswith("2.0x larger than stored labels")
     assert ratio_text(None) == "n/a"
+
+
+def test_help_lists_each_command_uncut_and_build_states_the_teacher_contract(runner):
+    r = runner.invoke(main, ["--help"])
+    assert r.exit_code == 0, r.output
+    assert "..." not in r.output.split("Commands:")[1]  # click cuts a long first line with "..."
+    for name, cmd in main.commands.items():
+        assert cmd.short_help and f"{name}  " in r.output and cmd.short_help in r.output, name
+    r = runner.invoke(main, ["build", "--help"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # help is wrapped to the terminal's width
+    assert "FILE.py:FACTORY" in text and "[0, 1]" in text and "eval mode" in text
+    assert "--rank INTEGER Rank of the encoder deltas. [default: 8]" in text

@@ -11,7 +11,15 @@ from PIL import Image
 
 from hellofmt.cli import main
 from hellofmt.errors import InputError
-from hellofmt.show import GAP, MIN_TILE, contact_sheet, resolve_classes, write_contact_sheet
+from hellofmt.show import (
+    GAP,
+    MIN_TILE,
+    class_folder_names,
+    contact_sheet,
+    export_images,
+    resolve_classes,
+    write_contact_sheet,
+)
 
 from bundles import make_format_bundle
 
@@ -74,3 +82,69 @@ def test_cli_show(tmp_path):
     assert r.exit_code == 2 and "PNG" in r.output
     r = CliRunner().invoke(main, ["show", str(b), "--out", str(tmp_path / "x.png"), "--classes", "nope"])
     assert r.exit_code == 2 and "'nope' is not a class of the bundle" in r.output
+
+
+# --------------------------------------------------------------------------------------------------
+# hellofmt export: the images as an image folder
+# --------------------------------------------------------------------------------------------------
+def _read_folder(root, folders):
+    """uint8 [N, 3, H, W] of root/FOLDER/*.png, folders in the order given, files in name order."""
+    import numpy as np
+
+    return torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1)
+                        for d in folders for f in sorted((root / d).iterdir())])
+
+
+def test_export_writes_each_class_folder_with_the_stored_pixels(tiny_bundle, tmp_path):
+    from hellofmt.bundle import Bundle
+
+    b = Bundle.open(tiny_bundle)
+    folders = class_folder_names(b.manifest.classes, b.manifest.class_folders)
+    out = tmp_path / "export"
+    counts = export_images(tiny_bundle, out)
+    assert counts == dict(zip(folders, b.manifest.images.per_class))
+    assert sorted(p.name for p in out.iterdir()) == sorted(folders)
+    assert [len(list((out / f).glob("*.png"))) for f in folders] == b.manifest.images.per_class
+    images, _ = b.read_images()
+    assert torch.equal(_read_folder(out, folders), images)  # class-major order, lossless
+
+
+def test_export_refuses_a_folder_that_is_not_empty(tiny_bundle, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    r = CliRunner().invoke(main, ["export", str(tiny_bundle), str(out)])
+    assert r.exit_code == 2 and "not empty" in r.output and "DIR" in r.output and str(out) in r.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "user data"
+    with pytest.raises(InputError):
+        export_images(tiny_bundle, out / "keep.txt")
+    r = CliRunner().invoke(main, ["export", str(tiny_bundle), str(tmp_path / "new")])
+    assert r.exit_code == 0, r.output
+    assert "wrote 6 images" in r.output and str(tmp_path / "new") in r.output
+
+
+def test_class_folder_names_are_safe_and_distinct():
+    assert class_folder_names(["red fox", "Red Fox", "a/b"]) == ["red_fox", "Red_Fox_1", "a_b"]
+    assert class_folder_names(["x", "y"], ["../up", ""]) == ["up", "class_1"]
+    assert class_folder_names(["cat"], ["n0212"]) == ["n0212"]
+
+
+def test_export_then_build_images_round_trips(tiny_bundle, tmp_path):
+    """``hellofmt export`` then ``build --images`` with the same class folders gives the same images."""
+    from test_build import TEACHER_PY, TINY_CONFIG, _small, _write_data
+
+    import hellofmt
+    from hellofmt.bundle import Bundle
+
+    b = Bundle.open(tiny_bundle)
+    folders = class_folder_names(b.manifest.classes, b.manifest.class_folders)
+    export_images(b, tmp_path / "export")
+    train = _write_data(tmp_path / "train", classes=folders, per_class=3, size=b.manifest.images.height)
+    (tmp_path / "teacher.py").write_text(TEACHER_PY)
+    res = hellofmt.build_bundle(str(train), f"{tmp_path / 'teacher.py'}:make", TINY_CONFIG, tmp_path / "rebuilt",
+                                images=str(tmp_path / "export"), **_small(ipc=None, steps=2, head_rank=0))
+    rebuilt = Bundle.open(res.path)
+    assert rebuilt.manifest.class_folders == sorted(folders)  # an image folder's classes sort by folder name
+    images, labels = rebuilt.read_images()
+    assert labels.tolist() == sorted(labels.tolist())
+    assert torch.equal(images, _read_folder(tmp_path / "export", rebuilt.manifest.class_folders))

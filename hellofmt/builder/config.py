@@ -71,7 +71,9 @@ class BuildConfig:
     """
 
     # -- how many images (the alternative, a folder of images, is an argument of build_bundle) ------
-    ipc: int | None = option(None, "Images per class, selected RDED-style from the training data.", resume=True)
+    ipc: int | None = option(
+        None, "Images per class, selected RDED-style from the training data (no default: give --ipc or --images).",
+        resume=True)
     # -- projector ---------------------------------------------------------------------------------
     templates: tuple[str, ...] | None = option(
         None, "Prompt template with {} for the class name (repeatable; default: hellofmt.projector's templates).",
@@ -81,13 +83,14 @@ class BuildConfig:
     alpha: float | None = option(None, "Delta scale alpha (default: the rank).", resume=True)
     head_alpha: float | None = option(None, "Head delta scale (default: the head rank).", resume=True)
     targets: tuple[str, ...] | None = option(
-        None, "Regex over foundation parameter names (repeatable; default per family).", resume=True)
+        None, "Regex over foundation parameter names (repeatable; default: per foundation family).", resume=True)
     delta_dtype: str = option("int8", "Encoding of the stored deltas: int8 (per-row scales, 1/4 of float32) or a float "
                               "dtype; the probe and fidelity are measured on the stored deltas.",
                               choices=DELTA_ENCODINGS)
     # -- distillation ------------------------------------------------------------------------------
     epochs: float = option(10.0, "Distillation epochs over the original data.")
-    steps: int | None = option(None, "Distillation steps (overrides --epochs).")
+    steps: int | None = option(
+        None, "Distillation steps (overrides --epochs; default: from --epochs and --min-steps).")
     batch_size: int = option(64, "Batch size per process.", resume=True)
     lr: float = option(5e-3, "Learning rate of the distillation (AdamW, cosine schedule).")
     weight_decay: float = option(0.01, "AdamW weight decay of the distillation.")
@@ -123,14 +126,14 @@ class BuildConfig:
     refine_lr: float = option(0.01, "Learning rate of the image refinement (Adam).")
     refine_prior: float = option(1.0, "Weight of the stay-near-init term.")
     codec: str = option("png", "Codec of the stored images.", choices=CODECS)
-    quality: int | None = option(None, "jpeg/webp quality, 1..100 (png and raw take none).")
+    quality: int | None = option(None, "jpeg/webp quality, 1..100 (default: 90 for jpeg/webp; png and raw take none).")
     # -- fidelity ----------------------------------------------------------------------------------
     holdout: float = option(0.05, "Fraction of original images held out for fidelity.")
     fidelity_views: int = option(4, "Augmented views per image for fidelity.")
     # -- output and run ----------------------------------------------------------------------------
     embed_foundation: bool | None = option(
         None, "Embed the foundation weights (default: only for random-init or config-file foundations).")
-    checkpoint_dir: str | None = option(None, "Checkpoint folder (default OUT.ckpt).", path=True)
+    checkpoint_dir: str | None = option(None, "Checkpoint folder (default: OUT.ckpt).", path=True)
     checkpoint_every: int = option(200, "Checkpoint every N steps.")
     resume: bool = option(False, "Continue from the last checkpoint.")
     keep_checkpoints: bool = option(False, "Keep the checkpoint folder after success.")

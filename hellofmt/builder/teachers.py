@@ -79,19 +79,26 @@ class _Normalised(nn.Module):
         return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
 
 
+def check_timm_architecture(name: str, *, error: type[HellofmtError] = TeacherError, option: str = "--teacher"):
+    """timm itself, after checking that it is installed and knows architecture ``name`` (a ``timm:``
+    teacher or student); the error names ``option`` and the closest known names."""
+    try:
+        import timm  # only timm models need it
+    except ImportError:
+        raise error("timm is not installed", field=option, fix="pip install timm") from None
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise error(
+            f"timm has no architecture {name!r}" + (f" (closest: {', '.join(close)})" if close else ""),
+            field=option, fix="see timm.list_models()",
+        )
+    return timm
+
+
 def _check_timm(spec: TeacherSpec) -> Path:
     """The checks of a ``timm:`` teacher that need no model: timm present, architecture known,
     weights given as an existing safetensors file. Returns the weights path."""
-    try:
-        import timm
-    except ImportError:
-        raise TeacherError("timm is not installed", field="--teacher", fix="pip install timm") from None
-    if not timm.is_model(spec.name):
-        close = difflib.get_close_matches(spec.name, timm.list_models(), n=5)
-        raise TeacherError(
-            f"timm has no architecture {spec.name!r}" + (f" (closest: {', '.join(close)})" if close else ""),
-            field="--teacher", fix="see timm.list_models()",
-        )
+    check_timm_architecture(spec.name)
     if spec.weights is None:
         raise TeacherError(
             f"timm:{spec.name} needs --teacher-weights FILE.safetensors", field="--teacher-weights",
