@@ -92,19 +92,6 @@ class ConvNet(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
-class Normalize(nn.Module):
-    """Wrap a model that expects mean/std-normalised input so that it takes images in [0, 1]."""
-
-    def __init__(self, model: nn.Module, mean, std) -> None:
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model((x - self.mean.to(x.dtype)) / self.std.to(x.dtype))
-
-
 # --------------------------------------------------------------------------------------------------
 # student specs
 # --------------------------------------------------------------------------------------------------
@@ -165,8 +152,9 @@ def parse_student_spec(spec: str) -> StudentSpec:
 
 
 def _timm_student(spec: StudentSpec, num_classes: int) -> nn.Module:
-    # The builder's check (timm installed, architecture known), so teachers and students say the same.
-    from .builder.teachers import check_timm_architecture
+    # The builder's check (timm installed, architecture known) and input wrapper, so teachers and
+    # students say and do the same.
+    from .builder.teachers import Normalize, check_timm_architecture
 
     timm = check_timm_architecture(spec.name, error=EvalInputError, option="--student")
     try:

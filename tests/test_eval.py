@@ -247,7 +247,8 @@ def test_protocol_presets_and_overrides():
 
 
 def test_students(dirs):
-    from hellofmt.students import ConvNet, Normalize, build_student, check_student
+    from hellofmt.builder.teachers import Normalize
+    from hellofmt.students import ConvNet, build_student, check_student
     from hellofmt.students import parse_student_spec as parse
 
     m, desc = build_student("convnet:depth=2,width=4,norm=batch", 5, 16)

@@ -66,10 +66,11 @@ def parse_teacher_spec(spec: str, weights: str | None = None) -> TeacherSpec:
     )
 
 
-class _Normalised(nn.Module):
-    """A [0,1]-input wrapper around a model that expects mean/std-normalised inputs."""
+class Normalize(nn.Module):
+    """Wrap a model that expects mean/std-normalised input so that it takes images in [0, 1] (timm
+    teachers here, timm students in :mod:`hellofmt.students`)."""
 
-    def __init__(self, model: nn.Module, mean, std):
+    def __init__(self, model: nn.Module, mean, std) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -142,7 +143,7 @@ def _load_timm(spec: TeacherSpec, num_classes: int) -> nn.Module:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = cfg.get("mean", (0.485, 0.456, 0.406))
     std = cfg.get("std", (0.229, 0.224, 0.225))
-    return _Normalised(model, mean, std)
+    return Normalize(model, mean, std)
 
 
 def _check_file(spec: TeacherSpec) -> Path:
