@@ -27,8 +27,8 @@ import torch
 
 from .errors import BundleNotFoundError, InputError
 from .manifest import MANIFEST_NAME, MAX_IMAGE_SIDE, MIX_MODES
-from .summary import format_bytes  # the package's one byte formatter; re-exported (it was defined here)
 from .teacher import IMAGENET_MEAN, IMAGENET_STD, ProjectorTeacher
+from .units import format_bytes  # the package's one byte formatter; re-exported (it was defined here)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bundle import Bundle

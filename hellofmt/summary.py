@@ -17,6 +17,7 @@ import textwrap
 from typing import TYPE_CHECKING
 
 from .manifest import Foundation
+from .units import format_bytes  # re-exported: the package's one byte formatter
 
 if TYPE_CHECKING:
     from .bundle import Bundle
@@ -42,25 +43,6 @@ _COUNT_ENDINGS = ("steps", "resumed_from", "count", "views")
 _FRACTION_ENDINGS = ("agreement", "top1", "confidence", "accuracy", "fraction")
 # the builder's stages, in the order format_summary shows their metrics (others follow, sorted)
 _STAGES = ("distill", "images", "refine", "delta_encoding")
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-
-
-def format_bytes(n: float) -> str:
-    """A byte count in binary units, for people: ``1536`` -> ``'1.5 KiB'``, ``512`` -> ``'512 B'``.
-
-    Args:
-        n: the number of bytes.
-
-    Returns:
-        Whole bytes below 1 KiB, otherwise one decimal in the largest unit (up to TiB) that keeps
-        the number at or above 1.
-    """
-    x = float(n)
-    for unit in _UNITS:
-        if abs(x) < 1024 or unit == _UNITS[-1]:
-            return f"{x:.0f} {unit}" if unit == "B" else f"{x:.1f} {unit}"
-        x /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def ratio_text(ratio: float | None) -> str:

@@ -139,3 +139,14 @@ def test_no_module_imports_another_modules_underscore_names():
     for path in files:
         found += underscore_uses(path.read_text(encoding="utf-8"), *_module_name(path))
     assert found == [], "\n".join(found)
+
+
+_TOP = ["hellofmt.verify", "hellofmt.summary", "hellofmt.show", "hellofmt.compress", "hellofmt.students",
+        "hellofmt.evaluation", "hellofmt.hub", "hellofmt.cli"]
+
+
+@pytest.mark.parametrize("module", ["hellofmt.dataset", "hellofmt.augment", "hellofmt.teacher", "hellofmt.projector",
+                                    "hellofmt.probe", "hellofmt.foundation", "hellofmt.lowrank"])
+def test_model_and_runtime_layers_do_not_import_the_top_layer(module):
+    loaded = _loaded_after(f"import {module}")
+    assert not loaded & set(_TOP), f"{module} imports {sorted(loaded & set(_TOP))}"
