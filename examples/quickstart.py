@@ -121,12 +121,16 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Random resized crop + flip, batched (the same family the bundle's loader uses)."""
     from hellofmt.augment import random_resized_crop
 
-    return random_resized_crop(x, SIZE, scale=(0.5, 1.0), generator=gen)[0]
+    return random_resized_crop(x, x.shape[-1], scale=(0.5, 1.0), generator=gen)[0]
 
 
-def train_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> nn.Module:
+def train_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, *, make_model=None,
+                  device: str = "cpu") -> nn.Module:
+    """Cross-entropy with label smoothing on random resized crops (scale 0.5-1), AdamW, one-cycle.
+    ``make_model(num_classes)`` (default: the small CNN) is called after seeding; the model comes back
+    on the CPU in eval mode."""
     torch.manual_seed(seed)
-    model = cnn(16, int(y.max()) + 1)
+    model = (make_model or (lambda c: cnn(16, c)))(int(y.max()) + 1).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
     steps = epochs * math.ceil(len(x) / 64)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
@@ -136,12 +140,12 @@ def train_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> n
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
             idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(augment(x[idx], gen)), y[idx], label_smoothing=0.1)
+            loss = F.cross_entropy(model(augment(x[idx].to(device), gen)), y[idx].to(device), label_smoothing=0.1)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-    return model.eval()
+    return model.cpu().eval()
 
 
 @torch.no_grad()

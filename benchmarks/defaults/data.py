@@ -13,7 +13,7 @@ CNN teacher (``teacher.safetensors`` + ``teacher.py:make``) trained on it.
 from __future__ import annotations
 
 import importlib.util
-import math
+import json
 from pathlib import Path
 
 import numpy as np
@@ -154,28 +154,18 @@ def net(num_classes: int, size: int, width: int = 16):
 
 
 def train_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, device: str = "cpu"):
-    """Cross-entropy with label smoothing, random resized crops (scale 0.5-1) and flips, AdamW, one-cycle."""
-    from hellofmt.augment import random_resized_crop
-
-    torch.manual_seed(seed)
+    """The quickstart's teacher recipe on :func:`net` (sized for the images)."""
     size = int(x.shape[-1])
-    model = net(int(y.max()) + 1, size).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
-    steps = epochs * math.ceil(len(x) / 64)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=gen)
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            xb = random_resized_crop(x[idx].to(device), size, scale=(0.5, 1.0), generator=gen)[0]
-            loss = F.cross_entropy(model(xb), y[idx].to(device), label_smoothing=0.1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.cpu().eval()
+    return _quickstart().train_teacher(x, y, epochs, seed, make_model=lambda c: net(c, size), device=device)
+
+
+def emit(record: dict, out: str) -> None:
+    """Print ``record`` as one JSON line and append it to ``out`` (``-``: print only)."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out != "-":
+        with open(out, "a") as f:
+            f.write(line + "\n")
 
 
 @torch.no_grad()

@@ -63,11 +63,7 @@ def main() -> None:
                 subprocess.run(["hellofmt", "eval", str(q), "--val", str(info["test"]), "--seeds", str(args.seeds),
                                 "--device", args.device, "--json", str(jq), "--quiet", "--arms", "bundle"], check=True)
                 res["int8"] = json.loads(jq.read_text())
-        line = json.dumps(res)
-        print(line, flush=True)
-        if args.out != "-":
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        bdata.emit(res, args.out)
 
 
 if __name__ == "__main__":

@@ -178,11 +178,7 @@ def main() -> None:
         else:
             name, overrides = c, CONFIGS[c]
         res = run(args, name, overrides, info)
-        line = json.dumps(res)
-        print(line, flush=True)
-        if args.out != "-":
-            with open(args.out, "a") as f:
-                f.write(line + "\n")
+        bdata.emit(res, args.out)
 
 
 if __name__ == "__main__":
