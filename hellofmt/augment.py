@@ -10,7 +10,9 @@ generator's device (the CPU for a CPU generator, the usual case) with a fixed co
 does not depend on the values drawn, and only then moved to the images' device. So the same seed
 gives the same boxes, flips, partners and lambdas on the CPU and on CUDA, and the outputs agree
 within float tolerance (the resampling itself runs on the device). ``generator=None`` uses torch's
-global CPU generator.
+global CPU generator. :func:`sample_epoch` draws a whole epoch's numbers at once (the same values a
+batch-by-batch loop of the same calls draws) and sends them to the device in one non-blocking copy,
+so a training loop makes no blocking host-to-device copy per batch.
 
 Images come in as ``uint8`` (scaled by 1/255) or floating point (assumed already in [0, 1]); images
 go out as floating point in [0, 1] (float32 for ``uint8`` input, otherwise the input's dtype).
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,9 +41,14 @@ __all__ = [
     "crop_resize",
     "random_resized_crop",
     "cutmix",
+    "cutmix_boxes",
+    "paste",
     "mixup",
+    "sample_mixup",
     "blend",
     "apply_mix",
+    "BatchDraws",
+    "sample_epoch",
     "CUTMIX_ALPHA",
     "MIXUP_ALPHA",
 ]
@@ -420,17 +428,28 @@ def cutmix(
     return mixed, perm, lam
 
 
+def sample_mixup(
+    n: int, *, alpha: float = MIXUP_ALPHA, generator: torch.Generator | None = None, device=None
+) -> tuple[Tensor, Tensor]:
+    """The random part of MixUp for a batch of ``n``: ``(perm, lam)``, ``lam ~ Beta(alpha, alpha)``
+    per sample (float64 ``[n]``) and ``perm`` as in :func:`cutmix_boxes`; :func:`blend` applies them."""
+    n = _check_n(n)
+    alpha = _check_alpha(alpha)
+    lam = _beta(n, alpha, generator)
+    perm = _partners(n, generator, device if device is not None else _gen_device(generator))
+    return perm, lam.to(device=perm.device)
+
+
 def mixup(
     images: Tensor, *, alpha: float = MIXUP_ALPHA, generator: torch.Generator | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """MixUp: ``mixed[i] = lam[i] * images[i] + (1 - lam[i]) * images[perm[i]]`` with a per-sample
-    ``lam ~ Beta(alpha, alpha)``; returns ``(mixed, perm, lam)``, ``perm`` as in :func:`cutmix`."""
+    ``lam ~ Beta(alpha, alpha)``; returns ``(mixed, perm, lam)``, ``perm`` as in :func:`cutmix`:
+    :func:`sample_mixup` then :func:`blend`."""
     _check_images(images)
-    alpha = _check_alpha(alpha)
     x = to_float(images)
-    b = x.shape[0]
-    lam = _beta(b, alpha, generator).to(device=x.device, dtype=x.dtype)
-    perm = _partners(b, generator, x.device)
+    perm, lam = sample_mixup(x.shape[0], alpha=alpha, generator=generator, device=x.device)
+    lam = lam.to(x.dtype)
     return blend(x, perm, lam), perm, lam.float()
 
 
@@ -464,3 +483,130 @@ def apply_mix(
     if mode == "cutmix":
         return cutmix(images, alpha=cutmix_alpha, generator=generator)[0]
     return mixup(images, alpha=mixup_alpha, generator=generator)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# a whole epoch's random numbers at once
+# --------------------------------------------------------------------------------------------------
+class BatchDraws(NamedTuple):
+    """One batch's random choices from :func:`sample_epoch`, on the device (slices of epoch tensors).
+
+    ``boxes``: float32 ``[n, 4]`` crop boxes (:func:`sample_boxes`); ``flips``: bool ``[n]`` or
+    ``None`` (no flipping); ``mode``: ``"none"``, ``"cutmix"`` or ``"mixup"`` (a batch of
+    ``"cutmix-mixup"`` is one of the two); ``perm``: int64 ``[n]`` partners (``None`` without a
+    mix); ``cut``: float64 ``[n, 4]`` CutMix boxes for :func:`paste` (``None`` unless cutmix);
+    ``lam``: float32 ``[n]`` MixUp weights for :func:`blend` (``None`` unless mixup).
+    """
+
+    boxes: Tensor
+    flips: Tensor | None
+    mode: str
+    perm: Tensor | None
+    cut: Tensor | None
+    lam: Tensor | None
+
+
+# Columns of sample_epoch's one float64 buffer: integers up to 2**53 and float32 values are exact
+# in float64, so one buffer (one copy) carries every kind of draw.
+_BOX, _FLIP, _CUT, _LAM, _PERM, _COLUMNS = slice(0, 4), 4, slice(5, 9), 9, 10, 11
+
+
+def _host_buffer(rows: int, pin: bool) -> Tensor:
+    if pin:
+        try:
+            return torch.zeros((rows, _COLUMNS), dtype=torch.float64, pin_memory=True)
+        except RuntimeError:  # pinning can fail under tight locked-memory limits: a plain copy then
+            pass
+    return torch.zeros((rows, _COLUMNS), dtype=torch.float64)
+
+
+def sample_epoch(
+    batch_sizes: Sequence[int],
+    *,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3 / 4, 4 / 3),
+    aspect: float = 1.0,
+    flip: bool = True,
+    mix: str = "none",
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    cutmix_alpha: float = CUTMIX_ALPHA,
+    mixup_alpha: float = MIXUP_ALPHA,
+) -> list[BatchDraws]:
+    """Every batch's random choices for one epoch, drawn up front and sent to ``device`` in one copy.
+
+    Per batch, in this order from ``generator``: :func:`sample_boxes`, :func:`sample_flips` (if
+    ``flip``), for ``"cutmix-mixup"`` one ``torch.rand(())`` choosing CutMix (< 0.5) or MixUp, then
+    :func:`cutmix_boxes` or :func:`sample_mixup`. That is the stream a per-batch loop drawing the
+    same calls would consume, so the values are the same, and (with a CPU generator) the same on
+    every device. They are written into one host buffer (pinned when ``device`` is CUDA), copied
+    with ``non_blocking=True`` and sliced per batch: a training loop then makes no blocking
+    host-to-device copy per batch.
+
+    Args:
+        batch_sizes: the size of each batch of the epoch, in order.
+        scale: ``(min, max)`` area fraction of the random resized crop.
+        ratio: ``(min, max)`` aspect ratio of the random resized crop.
+        aspect: the images' width / height.
+        flip: draw horizontal flips (probability 0.5); ``False`` gives ``flips=None``.
+        mix: one of :data:`hellofmt.manifest.MIX_MODES`.
+        generator: the random stream (a CPU generator for CPU/CUDA agreement).
+        device: where the returned tensors live (default: the CPU).
+        cutmix_alpha: CutMix's Beta parameter.
+        mixup_alpha: MixUp's Beta parameter.
+
+    Returns:
+        One :class:`BatchDraws` per batch.
+
+    Raises:
+        InputError: a batch size, range, ``aspect`` or ``mix`` out of range.
+    """
+    sizes = [_check_n(n) for n in batch_sizes]
+    if mix not in MIX_MODES:
+        raise InputError(f"unknown mix mode {mix!r}; expected one of {', '.join(MIX_MODES)}", field="mix")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    host = _host_buffer(sum(sizes), pin=dev.type == "cuda")
+    modes = []
+    start = 0
+    for n in sizes:
+        rows = host[start : start + n]
+        rows[:, _BOX] = sample_boxes(n, scale=scale, ratio=ratio, generator=generator, aspect=aspect).double()
+        if flip:
+            rows[:, _FLIP] = sample_flips(n, generator=generator).double()
+        mode = mix
+        if mode == "cutmix-mixup":  # one of the two per batch, as timm does
+            mode = "cutmix" if bool(torch.rand((), generator=generator, device=_gen_device(generator)) < 0.5) \
+                else "mixup"
+        if mode == "cutmix":
+            perm, cut = cutmix_boxes(n, alpha=cutmix_alpha, generator=generator)
+            rows[:, _CUT] = cut
+            rows[:, _PERM] = perm.double()
+        elif mode == "mixup":
+            perm, lam = sample_mixup(n, alpha=mixup_alpha, generator=generator)
+            rows[:, _LAM] = lam.to(torch.float32).double()
+            rows[:, _PERM] = perm.double()
+        modes.append(mode)
+        start += n
+    # One copy for the epoch; on CUDA it is queued on the stream and the host carries on. The
+    # columns are then made contiguous with their own dtype on the device, once per epoch.
+    on = host.to(dev, non_blocking=True)
+    boxes = on[:, _BOX].to(torch.float32)
+    flips = on[:, _FLIP] > 0.5 if flip else None
+    cut = on[:, _CUT].contiguous()
+    lam = on[:, _LAM].to(torch.float32)
+    perm = on[:, _PERM].to(torch.int64)
+    out = []
+    start = 0
+    for n, mode in zip(sizes, modes):
+        end = start + n
+        mixed = mode != "none"
+        out.append(BatchDraws(
+            boxes=boxes[start:end],
+            flips=flips[start:end] if flips is not None else None,
+            mode=mode,
+            perm=perm[start:end] if mixed else None,
+            cut=cut[start:end] if mode == "cutmix" else None,
+            lam=lam[start:end] if mode == "mixup" else None,
+        ))
+        start = end
+    return out

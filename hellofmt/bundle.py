@@ -413,44 +413,71 @@ class Bundle:
         return out
 
     # ---- reading -------------------------------------------------------------------------------
-    def _read_shard(self, shard: Shard, out: torch.Tensor | None = None, num_threads: int | None = None):
+    def _read_shard(self, shard: Shard, out: torch.Tensor | None = None, num_threads: int | None = None,
+                    select: tuple[int, int] | None = None):
         im = self.manifest.images
         return read_shard(
             self._pinned(shard.file), codec=im.codec, height=im.height, width=im.width,
             num_classes=self.manifest.num_classes, expected_count=shard.count, num_threads=num_threads,
-            out=out, file=self.path / shard.file,
+            out=out, file=self.path / shard.file, select=select,
         )
 
-    def read_images(self, *, num_threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_images(
+        self, *, num_threads: int | None = None, start: int = 0, stop: int | None = None, verify: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode every image of every shard, in order: (uint8 [N, 3, H, W], int64 [N]).
 
-        Shards are decoded straight into one preallocated tensor. Raises ImageStoreError /
-        ImageDecodeError naming the shard and image on any inconsistency with the manifest.
+        Shards are decoded straight into one preallocated tensor. ``start``/``stop`` decode only
+        images ``start`` to ``stop - 1`` of the whole set (a rank's share under torch.distributed):
+        only the shards holding them are read, and the per-class counts are checked only for the
+        whole set (:meth:`check_per_class` checks gathered labels). ``verify`` checks the sha256 of
+        each shard read, just before it is decoded. Raises ImageStoreError / ImageDecodeError naming
+        the shard and image on any inconsistency with the manifest, IntegrityError for a bad hash.
         """
         im = self.manifest.images
+        stop = im.count if stop is None else stop
+        if not 0 <= start <= stop <= im.count:
+            raise InputError(f"expected 0 <= start <= stop <= {im.count}, got {start}, {stop}", field="start")
+        count = stop - start
         try:
-            images = torch.empty((im.count, 3, im.height, im.width), dtype=torch.uint8)
+            images = torch.empty((count, 3, im.height, im.width), dtype=torch.uint8)
         except (RuntimeError, MemoryError):
-            need = im.count * 3 * im.height * im.width
+            need = count * 3 * im.height * im.width
             raise ImageStoreError(
-                f"cannot allocate {need:,} bytes for {im.count} images of {im.height}x{im.width}",
+                f"cannot allocate {need:,} bytes for {count} images of {im.height}x{im.width}",
                 file=self.path / MANIFEST_NAME, field="images.count",
                 fix="free memory, or check the bundle: a manifest claiming more images than its shards hold is corrupt",
             ) from None
         labels = []
-        start = 0
+        first = 0  # index of the shard's first image in the whole set
         for shard in im.shards:
-            _, lab = self._read_shard(shard, out=images[start : start + shard.count], num_threads=num_threads)
-            labels.append(lab)
-            start += shard.count
+            a, b = max(start, first), min(stop, first + shard.count)
+            if a < b or (count == im.count and shard.count == 0):
+                if verify:
+                    self._check_hash(shard.file, self.manifest.files[shard.file])
+                _, lab = self._read_shard(shard, out=images[a - start : b - start], num_threads=num_threads,
+                                          select=(a - first, b - first))
+                labels.append(lab)
+            first += shard.count
         labels_t = torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
+        if count == im.count:
+            self.check_per_class(labels_t)
+        return images, labels_t
+
+    def check_hash(self, name: str) -> None:
+        """Check file ``name``'s sha256 against the manifest (IntegrityError, MissingFileError)."""
+        self._check_hash(name, self.manifest.files[name])
+
+    def check_per_class(self, labels: torch.Tensor) -> None:
+        """Check the labels of the whole image set against the manifest's per-class counts."""
+        im = self.manifest.images
+        labels_t = labels.cpu()
         per_class = torch.bincount(labels_t, minlength=self.manifest.num_classes).tolist()
         if per_class != im.per_class:
             raise ImageStoreError(
                 f"labels give per-class counts {per_class[:8]}..., the manifest says {im.per_class[:8]}...",
                 file=self.path / MANIFEST_NAME, field="images.per_class", fix="rebuild the bundle",
             )
-        return images, labels_t
 
     def projector_tensors(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The low-rank delta tensors of ``projector.safetensors`` (header checked first).

@@ -99,9 +99,12 @@ class _BuildCommand(click.Command):
 
 
 @main.command(cls=_BuildCommand, short_help="Build a bundle from data and teacher(s).")
-@click.option("--train-data", required=True, type=click.Path(path_type=str), help="Image-folder tree: DIR/CLASS/IMAGE.")
+@click.option("--train-data", required=True, type=click.Path(path_type=str),
+              help="Image-folder tree DIR/CLASS/IMAGE; or a Hugging Face dataset with image and label columns: a "
+              "save_to_disk folder or hf://datasets/ORG/NAME[@REVISION][:SPLIT] (needs hellofmt[hf-datasets]).")
 @click.option("--classes", type=click.Path(path_type=str),
-              help="JSON or TSV map: class folder -> readable name (default: the folder names).")
+              help="JSON or TSV map: class folder (or ClassLabel name) -> readable name (default: the folder "
+              "names).")
 @click.option("--teacher", "teachers", required=True, multiple=True,
               help="timm:NAME (with --teacher-weights) or FILE.py:FACTORY, where FACTORY is a function of FILE.py "
               "with no arguments returning an nn.Module in eval mode that takes float images in [0, 1] "

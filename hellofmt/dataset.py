@@ -5,7 +5,14 @@ single uint8 tensor on the device and assembles the projector with its deltas me
 weights, so a label costs one plain encoder forward. :meth:`DistilledDataset.loader` then produces,
 per batch and entirely on the device, the student's augmented view (random resized crop and flip
 as one batched resampling, optional CutMix/MixUp), the projector's soft label for exactly that view
-and the hard label. There is no per-sample Python and no host round trip in that path.
+and the hard label. There is no per-sample Python and no host round trip in that path: the
+epoch's random numbers are drawn up front and reach the device in one non-blocking copy.
+
+Under ``torchrun`` each rank decodes only its share of the images and the shares are gathered over
+the process group (``shard_decode``), so opening costs each rank ``1/world_size`` of the decoding.
+Gathering was chosen over one copy per node in shared memory: the images must end up on each rank's
+own GPU anyway, a gather is one collective on the group the job already has (no shared-memory
+segment to name, size and clean up after a crash), and it works the same across nodes.
 
 ``ds[i]`` returns a CPU ``(uint8 CHW tensor, class)`` pair, so a plain
 ``torch.utils.data.DataLoader`` works too for users with their own pipeline, who then call
@@ -143,6 +150,107 @@ def _resolve_device(device) -> torch.device:
     return dev
 
 
+# Rows of each gather step: at most this many bytes per rank, so that the staging buffer of a
+# gather through another device than the images' stays small.
+_GATHER_CHUNK_BYTES = 64 * 1024**2
+
+
+def _shard_comm_device(device: torch.device) -> torch.device | None:
+    """Where ``shard_decode`` gathers (the device with NCCL, else the CPU), or ``None`` when there is
+    nothing to split (no process group, one process) or the backend cannot reach ``device``."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    backend = str(dist.get_backend()).lower()
+    if device.type == "cuda" and "nccl" in backend:
+        return device
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    logger.info("hellofmt: process group backend %s cannot gather %s tensors; every rank decodes all images",
+                backend, device.type)
+    return None
+
+
+def _error_payload(error: BaseException) -> bytes:
+    import json
+
+    from .errors import HellofmtError
+
+    if isinstance(error, HellofmtError):
+        info = {"type": type(error).__name__, "message": error.message, "file": error.file, "field": error.field,
+                "fix": error.fix}
+    else:
+        info = {"type": type(error).__name__, "message": str(error)}
+    return json.dumps(info).encode()
+
+
+def _remote_error(payload: bytes, rank: int, source: str) -> Exception:
+    """The error another rank raised, rebuilt from :func:`_error_payload` (JSON, nothing unpickled)."""
+    import json
+
+    from . import errors
+
+    info = json.loads(payload.decode())
+    cls = getattr(errors, str(info.get("type")), None)
+    if isinstance(cls, type) and issubclass(cls, errors.HellofmtError):
+        return cls(f"[rank {rank}] {info.get('message')}", file=info.get("file"), field=info.get("field"),
+                   fix=info.get("fix"))
+    return errors.BundleError(
+        f"rank {rank} failed while opening its share: {info.get('type')}: {info.get('message')}", file=source,
+        fix="see that rank's error for the cause",
+    )
+
+
+def _agree(error: BaseException | None, comm: torch.device, source: str) -> None:
+    """Collective: return when no rank failed; otherwise raise on every rank. A rank that failed
+    raises its own error, the others the first failed rank's (same class, file, field and fix)."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    flags = torch.zeros(world, dtype=torch.int64, device=comm)
+    dist.all_gather(list(flags.chunk(world)), torch.tensor([int(error is not None)], device=comm))
+    failed = [r for r, f in enumerate(flags.tolist()) if f]
+    if not failed:
+        return
+    src = failed[0]
+    payload = _error_payload(error) if dist.get_rank() == src else b""
+    size = torch.tensor([len(payload)], dtype=torch.int64, device=comm)
+    dist.broadcast(size, src)
+    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=comm)
+    if payload:
+        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buf, src)
+    if error is not None:
+        raise error
+    raise _remote_error(bytes(buf.cpu().tolist()), src, source)
+
+
+def _gather_shares(whole: torch.Tensor, share: torch.Tensor, per: int, comm: torch.device) -> None:
+    """Collective: every rank's ``share`` (at most ``per`` rows, padded) into ``whole[r * per :]``
+    (``world * per`` rows) in rank order, in steps of at most :data:`_GATHER_CHUNK_BYTES` per rank.
+    The number of steps depends only on ``per`` and the row size, the same on every rank."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    rest = tuple(whole.shape[1:])
+    row = max(1, math.prod(rest) * whole.element_size())
+    step = max(1, _GATHER_CHUNK_BYTES // row)
+    direct = whole.device == comm
+    for j in range(0, per, step):
+        k = min(step, per - j)
+        have = max(0, min(k, share.shape[0] - j))
+        if have == k and share.device == comm:
+            piece = share[j : j + k]
+        else:
+            piece = torch.zeros((k, *rest), dtype=whole.dtype, device=comm)
+            piece[:have].copy_(share[j : j + have])
+        if direct:
+            dist.all_gather([whole[r * per + j : r * per + j + k] for r in range(world)], piece.contiguous())
+        else:
+            stage = torch.empty((world, k, *rest), dtype=whole.dtype, device=comm)
+            dist.all_gather(list(stage.unbind(0)), piece.contiguous())
+            for r in range(world):
+                whole[r * per + j : r * per + j + k].copy_(stage[r])
+
+
 class DistilledDataset:
     """A distilled image set: images from a bundle, soft labels from its projector, on ``device``.
 
@@ -159,6 +267,12 @@ class DistilledDataset:
         check_fingerprint: refuse foundation weights whose fingerprint differs from the manifest's
             (``False`` only warns; the probe still catches labels that would differ).
         token: Hugging Face token for a private Hub repository (default: the logged-in one).
+        shard_decode: under ``torch.distributed`` (an initialised process group of more than one
+            process, every rank opening the same bundle), each rank decodes and hash-checks only
+            its contiguous ``1/world_size`` share of the images and the shares are gathered over
+            the process group (on the device with NCCL, on the CPU with gloo), so every rank ends
+            with the whole set at ``1/world_size`` of the decoding. An error on any rank is raised
+            on every rank. ``False`` decodes everything on every rank, as a single process does.
 
     Raises:
         InputError: a bad argument (device, thread count, batch size, ``revision`` with a local path).
@@ -173,7 +287,8 @@ class DistilledDataset:
 
     Attributes: ``bundle``, ``manifest``, ``projector``, ``images`` (uint8 ``[N,3,H,W]``),
     ``targets`` (int64 ``[N]``), ``device``, ``memory_bytes`` (bytes the images and targets take),
-    ``image_storage`` (``"device"``, ``"pinned host"`` or ``"host"``).
+    ``image_storage`` (``"device"``, ``"pinned host"`` or ``"host"``), ``decoded_range`` (the
+    ``(start, stop)`` image indices this process decoded itself: all of them unless shard-decoded).
 
     ``ds[i]`` copies one image to the CPU. For a multi-worker ``torch.utils.data.DataLoader``, open
     the dataset with ``device="cpu"`` (worker processes cannot share a parent's CUDA tensors) and
@@ -192,6 +307,7 @@ class DistilledDataset:
         compile: bool = False,
         check_fingerprint: bool = True,
         token: str | bool | None = None,
+        shard_decode: bool = True,
     ) -> None:
         from .bundle import Bundle
         from .projector import Projector
@@ -213,20 +329,27 @@ class DistilledDataset:
                 fix='pass a directory ("path/to/bundle") or a Hub dataset id ("user/name")',
             )
         self.source = os.fspath(source)
-        path, pulled = self._resolve(self.source, revision, token, verify)
-        # With verify, hub.pull has just checked every sha256; hashing the files a second time buys
-        # nothing. Without it, neither hashes.
-        self.bundle: Bundle = Bundle.open(path, verify=verify and not pulled)
-        self.manifest = self.bundle.manifest
-        self.path = Path(self.bundle.path)
+        self.bundle: Bundle
+        self.projector: Projector
+        comm = _shard_comm_device(self.device) if shard_decode else None
+        if comm is not None:
+            targets = self._open_sharded(revision, token, verify, num_threads, check_fingerprint, compile, comm)
+        else:
+            path, pulled = self._resolve(self.source, revision, token, verify)
+            # With verify, hub.pull has just checked every sha256; hashing the files a second time
+            # buys nothing. Without it, neither hashes.
+            self.bundle = Bundle.open(path, verify=verify and not pulled)
+            self.manifest = self.bundle.manifest
+            self.path = Path(self.bundle.path)
 
-        images, targets = self.bundle.read_images(num_threads=num_threads)
-        # The projector goes on the device first, so that the images' placement sees the memory
-        # that is really left.
-        self.projector: Projector = Projector.from_bundle(
-            self.bundle, device=self.device, check_fingerprint=check_fingerprint, compile=compile
-        )
-        self.images, self.image_storage = self._place(images)
+            images, targets = self.bundle.read_images(num_threads=num_threads)
+            self.decoded_range = (0, int(images.shape[0]))
+            # The projector goes on the device first, so that the images' placement sees the memory
+            # that is really left.
+            self.projector = Projector.from_bundle(
+                self.bundle, device=self.device, check_fingerprint=check_fingerprint, compile=compile
+            )
+            self.images, self.image_storage = self._place(images)
         self.targets = targets.to(self.images.device)
         # ds[i] reads labels from a CPU copy: one small tensor, and no device sync per item.
         self._targets_cpu = targets.cpu()
@@ -282,25 +405,88 @@ class DistilledDataset:
             fix="pass the path of a bundle directory (with hellofmt.json) or a Hub dataset id",
         )
 
+    def _storage(self, nbytes: int) -> str:
+        """Where images of ``nbytes`` go: ``"device"``, or ``"pinned host"`` when they would take
+        more than :data:`DEVICE_MEMORY_FRACTION` of the GPU's free memory."""
+        if self.device.type != "cuda":
+            return "device"
+        free, _total = torch.cuda.mem_get_info(self.device)
+        if nbytes <= DEVICE_MEMORY_FRACTION * free:
+            return "device"
+        logger.warning(
+            "hellofmt: images take %s, more than half of the %s free on %s; keeping them in pinned host memory",
+            format_bytes(nbytes),
+            format_bytes(free),
+            self.device,
+        )
+        return "pinned host"
+
     def _place(self, images: torch.Tensor) -> tuple[torch.Tensor, str]:
-        nbytes = images.numel() * images.element_size()
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
-            if nbytes <= DEVICE_MEMORY_FRACTION * free:
-                return images.to(self.device), "device"
-            logger.warning(
-                "hellofmt: images take %s, more than half of the %s free on %s; keeping them in pinned host memory",
-                format_bytes(nbytes),
-                format_bytes(free),
-                self.device,
+        storage = self._storage(images.numel() * images.element_size())
+        if storage == "device":
+            return (images if self.device.type == "cpu" else images.to(self.device)), "device"
+        try:
+            return images.pin_memory(), "pinned host"
+        except RuntimeError:  # pinning can fail under tight locked-memory limits
+            return images, "host"
+
+    def _open_sharded(self, revision, token, verify, num_threads, check_fingerprint, compile, comm) -> torch.Tensor:
+        """Open the bundle with this rank decoding its share and the shares gathered (``shard_decode``).
+
+        Everything a rank can fail at (the files, its share's hashes and images, the projector, the
+        memory for the whole set) happens before the first collective; the ranks then agree on
+        success (:func:`_agree`), so an error on one rank is raised on all instead of leaving the
+        others waiting in the gather. Sets ``bundle``, ``manifest``, ``path``, ``projector``,
+        ``images``, ``image_storage`` and ``decoded_range``; returns the targets (int64, CPU).
+        """
+        from .bundle import Bundle
+        from .projector import Projector
+
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        error = None
+        try:
+            path, pulled = self._resolve(self.source, revision, token, verify)
+            hashes = verify and not pulled
+            self.bundle = Bundle.open(path, verify=False)
+            self.manifest = self.bundle.manifest
+            self.path = Path(self.bundle.path)
+            im = self.manifest.images
+            if hashes:
+                # Every rank checks the files it reads whole; of the image shards, only its own.
+                shard_files = {s.file for s in im.shards}
+                for name in self.manifest.files:
+                    if name not in shard_files:
+                        self.bundle.check_hash(name)
+            n = im.count
+            per = -(-n // world)  # contiguous shares: rank r decodes [r * per, (r + 1) * per)
+            self.decoded_range = (min(rank * per, n), min((rank + 1) * per, n))
+            share, share_targets = self.bundle.read_images(
+                num_threads=num_threads, start=self.decoded_range[0], stop=self.decoded_range[1], verify=hashes
             )
-            try:
-                return images.pin_memory(), "pinned host"
-            except RuntimeError:  # pinning can fail under tight locked-memory limits
-                return images, "host"
-        if self.device.type == "cpu":
-            return images, "device"
-        return images.to(self.device), "device"
+            self.projector = Projector.from_bundle(
+                self.bundle, device=self.device, check_fingerprint=check_fingerprint, compile=compile
+            )
+            storage = self._storage(n * 3 * im.height * im.width)
+            # Room for every rank's padded share; the images are its first n rows.
+            shape = (world * per, 3, im.height, im.width)
+            if storage == "device":
+                whole = torch.empty(shape, dtype=torch.uint8, device=self.device)
+            else:
+                try:
+                    whole = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+                except RuntimeError:  # pinning can fail under tight locked-memory limits
+                    whole, storage = torch.empty(shape, dtype=torch.uint8), "host"
+        except Exception as e:  # every rank must learn of it: _agree raises it again
+            error = e
+        _agree(error, comm, self.source)
+        _gather_shares(whole, share, per, comm)
+        targets = torch.empty(world * per, dtype=torch.int64, device=comm)
+        _gather_shares(targets, share_targets, per, comm)
+        targets = targets[:n].cpu()
+        # Each rank saw only its share's labels: the per-class counts are checked on the whole set.
+        self.bundle.check_per_class(targets)
+        self.images, self.image_storage = whole[:n], storage
+        return targets
 
     # ---- the dataset protocol --------------------------------------------------------------------
     def __len__(self) -> int:
@@ -680,57 +866,64 @@ class DistilledLoader:
         return idx
 
     def _generator(self, epoch: int) -> torch.Generator:
-        # A CPU generator: hellofmt.augment draws its few random numbers per batch on the
-        # generator's device and moves them over, so the same seed gives the same views on the CPU
-        # and on CUDA, and batch-level choices need no device->host sync. Augmentation differs
-        # per rank but is a pure function of (seed, epoch, rank).
+        # A CPU generator: hellofmt.augment.sample_epoch draws the epoch's random numbers on it and
+        # sends them to the device in one non-blocking copy, so the same seed gives the same views
+        # on the CPU and on CUDA, and batch-level choices need no device->host sync. Augmentation
+        # differs per rank but is a pure function of (seed, epoch, rank).
         key = (int(self.seed) * 1_000_003 + int(epoch)) * 10_007 + self.rank
         g = torch.Generator()
         g.manual_seed(key & ((1 << 62) - 1))
         return g
+
+    def epoch_draws(self, epoch: int):
+        """The random choices of every batch of ``epoch`` (:func:`hellofmt.augment.sample_epoch`),
+        on the device: a pure function of ``(seed, epoch, rank, world_size)``."""
+        from . import augment
+
+        n = self.epoch_indices(epoch).numel()
+        sizes = [min(self.batch_size, n - s) for s in range(0, n, self.batch_size)]
+        h, w = self.dataset.image_size
+        return augment.sample_epoch(
+            sizes, scale=self.scale, ratio=self.ratio, aspect=w / h, flip=self.flip, mix=self.mix,
+            generator=self._generator(epoch), device=self.device,
+        )
 
     def epoch_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The batches of one epoch (does not touch the loader's own epoch counter)."""
         ds = self.dataset
         idx_all = self.epoch_indices(epoch)
         on_device = ds.images.device == self.device
+        draws = self.epoch_draws(epoch)
         if on_device:
-            idx_all = idx_all.to(self.device)
-        gen = self._generator(epoch)
-        for start in range(0, idx_all.numel(), self.batch_size):
+            idx_all = _to_device(idx_all, self.device)
+        for k, start in enumerate(range(0, idx_all.numel(), self.batch_size)):
             idx = idx_all[start : start + self.batch_size]
             if on_device:
                 src = ds.images.index_select(0, idx)
                 hard = ds.targets.index_select(0, idx)
             else:
-                src = ds.images.index_select(0, idx).to(self.device, non_blocking=True)
-                hard = ds._targets_cpu.index_select(0, idx).to(self.device, non_blocking=True)
-            yield self._make_batch(src, hard, gen)
+                # Gathered straight into pinned memory, so the copy really is asynchronous.
+                src = _to_device(_pinned_index_select(ds.images, idx), self.device)
+                hard = _to_device(ds._targets_cpu.index_select(0, idx), self.device)
+            yield self._make_batch(src, hard, draws[k])
 
-    def _make_batch(self, src, hard, gen):
+    def _make_batch(self, src, hard, draws):
         from . import augment
 
-        n = src.shape[0]
-        h, w = src.shape[-2], src.shape[-1]
+        boxes, flips, mode = draws.boxes, draws.flips, draws.mode
         with torch.no_grad():
-            boxes = augment.sample_boxes(
-                n, scale=self.scale, ratio=self.ratio, generator=gen, device=self.device, aspect=w / h
-            )
-            flips = augment.sample_flips(n, generator=gen, device=self.device) if self.flip else None
             # One uint8 -> float conversion serves both the student's and the projector's views.
             x = augment.to_float(src)
             view = augment.crop_resize(x, boxes, flips, self.image_size, exact=_EXACT)
             label_view = view
-            mode = self.mix
-            if mode == "cutmix-mixup":  # one of the two per batch, as timm does
-                mode = "cutmix" if bool(torch.rand((), generator=gen) < 0.5) else "mixup"
             resample = self.foundation_size and self.foundation_size != self.image_size
             if mode != "none":
+                perm = draws.perm
                 if mode == "cutmix":
-                    perm, cut = augment.cutmix_boxes(n, generator=gen, device=self.device)
-                    view, lam = augment.paste(view, perm, cut)
+                    view, lam = augment.paste(view, perm, draws.cut)
                 else:
-                    view, perm, lam = augment.mixup(view, generator=gen)
+                    lam = draws.lam
+                    view = augment.blend(view, perm, lam)
                 # The hard label follows whichever image covers most of the view.
                 hard = torch.where(lam >= 0.5, hard, hard.index_select(0, perm))
                 label_view = view
@@ -740,7 +933,7 @@ class DistilledLoader:
                     # resizing the student's view: a small student view would lose detail.
                     f = augment.crop_resize(x, boxes, flips, self.foundation_size, exact=_EXACT)
                     if mode == "cutmix":
-                        label_view, _ = augment.paste(f, perm, cut)
+                        label_view, _ = augment.paste(f, perm, draws.cut)
                     else:
                         label_view = augment.blend(f, perm, lam)
             elif resample:
@@ -750,6 +943,29 @@ class DistilledLoader:
             logits = ds_forward(self.dataset.projector, label_view)
             soft = torch.softmax(logits.float() / self.temperature, dim=1)
         return view, soft, hard
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from the CPU to CUDA through pinned memory, without blocking the host."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu" and not t.is_pinned():
+        try:
+            t = t.pin_memory()
+        except RuntimeError:  # pinning can fail under tight locked-memory limits
+            pass
+    return t.to(device, non_blocking=True)
+
+
+def _pinned_index_select(images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``images[idx]`` (CPU) written into pinned memory when the images are pinned (host storage)."""
+    if not images.is_pinned():
+        return images.index_select(0, idx)
+    try:
+        out = torch.empty((idx.numel(), *images.shape[1:]), dtype=images.dtype, pin_memory=True)
+    except RuntimeError:
+        return images.index_select(0, idx)
+    return torch.index_select(images, 0, idx, out=out)
 
 
 def ds_forward(projector, images: torch.Tensor) -> torch.Tensor:

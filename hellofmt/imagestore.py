@@ -275,6 +275,7 @@ def read_shard(
     num_threads: int | None = None,
     out: torch.Tensor | None = None,
     file: str | os.PathLike[str] | None = None,
+    select: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read one shard and decode all its images with a thread pool: (uint8 [n, 3, H, W], int64 [n]).
 
@@ -282,7 +283,9 @@ def read_shard(
     ``__metadata__`` codec and size, offsets (start at 0, never decrease, end at ``len(data)``),
     labels in ``[0, num_classes)``, and the count against ``expected_count``. Every image must
     decode to exactly ``height`` x ``width`` RGB. ``out``, if given, is a uint8 CPU tensor
-    [n, 3, H, W] to decode into (saves a copy when concatenating shards). Raises ImageStoreError
+    [n, 3, H, W] to decode into (saves a copy when concatenating shards). ``select=(a, b)`` decodes
+    only images ``a`` to ``b - 1`` and returns those and their labels (``out`` is then
+    ``[b - a, 3, H, W]``); every check above still covers the whole shard. Raises ImageStoreError
     (ImageDecodeError for one image) or TensorFileError naming the shard file and image index.
     """
     file = path if file is None else file
@@ -337,21 +340,26 @@ def read_shard(
             i = int(torch.nonzero(wrong)[0])
             raise bad("labels", f"image {i} has label {int(labels[i])}, outside [0, {num_classes})")
 
+    a, b = (0, n) if select is None else select
+    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, int) or not isinstance(b, int) \
+            or not 0 <= a <= b <= n:
+        raise InputError(f"select must be a range (a, b) with 0 <= a <= b <= {n}, got {select!r}", field="select")
+    m = b - a
     if out is None:
-        arr = np.empty((n, 3, height, width), dtype=np.uint8)
+        arr = np.empty((m, 3, height, width), dtype=np.uint8)
     else:
-        if out.dtype != torch.uint8 or tuple(out.shape) != (n, 3, height, width) or out.device.type != "cpu":
-            raise InputError(f"out must be a uint8 CPU tensor [{n}, 3, {height}, {width}]", field="out")
+        if out.dtype != torch.uint8 or tuple(out.shape) != (m, 3, height, width) or out.device.type != "cpu":
+            raise InputError(f"out must be a uint8 CPU tensor [{m}, 3, {height}, {width}]", field="out")
         arr = out.numpy()
     raw = data.numpy()
     offs = offsets.tolist()
 
     def one(i: int) -> None:
-        _decode_to(arr[i], memoryview(raw[offs[i] : offs[i + 1]]), codec, height, width, file, i)
+        _decode_to(arr[i - a], memoryview(raw[offs[i] : offs[i + 1]]), codec, height, width, file, i)
 
-    if n:
+    if m:
         with ThreadPoolExecutor(_threads(num_threads)) as pool:
             # list() re-raises the first failure in image order
-            list(pool.map(one, range(n)))
+            list(pool.map(one, range(a, b)))
     images = out if out is not None else torch.from_numpy(arr)
-    return images, labels
+    return images, labels if select is None else labels[a:b]

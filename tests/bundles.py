@@ -189,11 +189,13 @@ def make_tiny_bundle(
     rank: int = 2,
     delta_std: float = 0.05,
     overwrite: bool = False,
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """Build a complete bundle at ``path`` and return its path.
 
     ``random_deltas=False`` leaves ``lora_B`` at zero (the projector is then exactly zero-shot
     CLIP). ``delta_std`` is the standard deviation of the random ``lora_B`` entries.
+    ``max_shard_bytes`` cuts the images into several shards (default: one).
     """
     # The model layer imports open_clip: kept out of the format-only tests' start-up.
     import hellofmt
@@ -223,7 +225,8 @@ def make_tiny_bundle(
     probe = compute_probe(projector, images)
     reference = foundation.reference
     with BundleWriter(path, overwrite=overwrite) as w:
-        images_info = w.write_images(images, labels, num_classes=num_classes, codec=codec)
+        images_info = w.write_images(images, labels, num_classes=num_classes, codec=codec,
+                                       max_shard_bytes=max_shard_bytes)
         w.write_tensors(info.file, tensors, {"format": "hellofmt-projector"})
         w.write_tensors(
             reference.weights_file or "foundation.safetensors",

@@ -289,7 +289,8 @@ def test_provenance_records_the_config(tmp_path):
     res = build_bundle((images, labels), teacher, TINY_CONFIG, tmp_path / "b", config, classes=["r", "g", "b"],
                        progress=False, factor=1)
     m = Bundle.open(res.path).manifest
-    want = config.replace(factor=1).resolved(32)  # provenance records the size-dependent defaults as used
+    # provenance records the size-dependent defaults as used, and --num-workers as resolved (0: in-memory data)
+    want = config.replace(factor=1, num_workers=0).resolved(32)
     assert want.scale == (0.25, 1.0) and want.select_scale == (1.0, 1.0)
     assert m.provenance.build_args == want.to_dict()
     assert BuildConfig.from_dict(m.provenance.build_args) == want

@@ -174,13 +174,13 @@ def test_drop_last_and_epochs(ds):
 def test_mixed_hard_label_is_dominant_image(ds, monkeypatch):
     from hellofmt import augment
 
-    def fake_mixup(images, *, alpha=0.8, generator=None):
-        perm = torch.arange(images.shape[0] - 1, -1, -1)
-        lam = torch.tensor([0.9, 0.1, 0.6, 0.4, 0.5, 0.2])[: images.shape[0]]
-        mixed = lam.view(-1, 1, 1, 1) * images + (1 - lam.view(-1, 1, 1, 1)) * images[perm]
-        return mixed, perm, lam
+    # The loader draws each batch's partners and weights with sample_mixup (once per epoch).
+    def fake_sample_mixup(n, *, alpha=0.8, generator=None, device=None):
+        perm = torch.arange(n - 1, -1, -1)
+        lam = torch.tensor([0.9, 0.1, 0.6, 0.4, 0.5, 0.2], dtype=torch.float64)[:n]
+        return perm, lam
 
-    monkeypatch.setattr(augment, "mixup", fake_mixup)
+    monkeypatch.setattr(augment, "sample_mixup", fake_sample_mixup)
     loader = ds.loader(batch_size=6, image_size=16, mix="mixup", shuffle=False)
     _, soft, hard = next(iter(loader))
     y = ds.targets
@@ -442,18 +442,18 @@ def test_mixup_label_view_redone_at_foundation_size(ds, monkeypatch):
 
     crops, seen = _spy_crops_and_labels(monkeypatch)
     mixes = []
-    real_mixup = augment.mixup
+    real_sample_mixup = augment.sample_mixup
 
-    def mixup(images, **kw):
-        out = real_mixup(images, **kw)
+    def sample_mixup(n, **kw):  # the loader draws partners and weights per epoch, then blends
+        out = real_sample_mixup(n, **kw)
         mixes.append(out)
         return out
 
-    monkeypatch.setattr(augment, "mixup", mixup)
+    monkeypatch.setattr(augment, "sample_mixup", sample_mixup)
     fsize = ds.projector.foundation.image_size
     next(iter(ds.loader(batch_size=4, image_size=fsize // 2, mix="mixup")))
-    (_, perm, lam), f = mixes[0], crops[1][3]
-    lam4 = lam.view(-1, 1, 1, 1)
+    (perm, lam), f = mixes[0], crops[1][3]
+    lam4 = lam.float().view(-1, 1, 1, 1)
     assert torch.allclose(seen[0], (lam4 * f + (1 - lam4) * f[perm]).clamp(0, 1), atol=1e-6)
 
 

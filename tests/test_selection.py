@@ -89,3 +89,33 @@ def test_size_dependent_defaults():
     with pytest.raises(BuildInputError) as e:
         BuildConfig(ipc=1, scale=(0.9, 0.2)).validate()
     assert e.value.field == "--scale"
+
+
+def test_a_class_is_selected_the_same_on_any_rank(monkeypatch):
+    """Rank 1 of 2 selects class 1 exactly as one process does (the per-class randomness comes from
+    (seed, class), not from the rank or the classes before it); the gather itself is faked here and
+    tested under torchrun in tests/test_build_scale.py."""
+    import hellofmt.builder.images as images_mod
+    from hellofmt.builder.dist import World
+
+    kw = dict(train_indices=list(range(24)), ipc=2, factor=2, image_size=16, candidates=3, scale=(0.3, 1.0),
+              selection="kmeans", embed=lambda v: v.mean((2, 3)), seed=4, progress=False)
+    whole, _, _ = rded_images(_data(), RedTeacher(), **kw)
+    seen = {}
+
+    def fake_gather(world, blocks, shapes, dtype):
+        seen.setdefault("classes", sorted(blocks))
+        return [blocks[i] if i in blocks else torch.zeros(shapes[i], dtype=dtype) for i in range(len(shapes))]
+
+    monkeypatch.setattr(images_mod, "all_gather_blocks", fake_gather)
+    part, _, _ = rded_images(_data(), RedTeacher(), world=World(rank=1, size=2), **kw)
+    assert seen["classes"] == [1]
+    assert torch.equal(part[2:], whole[2:])
+
+
+def test_pool_images_limits_the_sources_of_a_class():
+    data = _data(per_class=12)
+    imgs, labels, _ = rded_images(data, RedTeacher(), train_indices=list(range(24)), ipc=4, factor=1, image_size=16,
+                                  pool_images=2, scale=(1.0, 1.0), selection="confidence", progress=False)
+    for c in (0, 1):
+        assert len({bytes(k.numpy().tobytes()) for k in imgs[labels == c]}) == 2  # 4 images from 2 sources

@@ -133,7 +133,13 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
     m = ds.manifest.metrics
     teacher = info["teacher"].to(args.device)
     arms = {"bundle": [], "hard": [], "teacher": [], "random": []}
-    for seed in range(args.seeds):
+    if args.use_eval:  # hellofmt eval --protocol quick: the protocol of the Done-when
+        from hellofmt import evaluate
+
+        ev = evaluate(str(out), str(info["test"]), teacher=info["teacher_spec"], train_data=str(info["train"]),
+                      seeds=args.seeds, device=args.device, progress=False)
+        arms = {k: list(v["accuracies"]) for k, v in ev.to_dict()["arms"].items()}
+    for seed in range(0 if args.use_eval else args.seeds):
         rnd = random_subset(ds, info["train"], seed)
         for arm in arms:
             src = rnd if arm == "random" else ds
@@ -164,6 +170,7 @@ def main() -> None:
     ap.add_argument("--out", default="-")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--use-eval", action="store_true", help="students by hellofmt.evaluate (--protocol quick)")
     ap.add_argument("--prepare-only", action="store_true", help="make the data and teacher, then stop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

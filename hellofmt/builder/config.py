@@ -33,11 +33,16 @@ import click
 from ..errors import BuildInputError, HellofmtError
 from ..manifest import CODECS, DELTA_ENCODINGS, MIX_MODES
 
-__all__ = ["LOSSES", "SELECTIONS", "RESUME_FIELDS", "BuildConfig", "click_options", "option", "option_name"]
+__all__ = ["LOSSES", "SELECTIONS", "RESUME_FIELDS", "BuildConfig", "auto_num_workers", "bad_image_limit",
+           "click_options", "option", "option_name"]
 
 LOSSES = ("kl", "mse")
 SELECTIONS = ("confidence", "kmeans", "random")
 LARGE_IMAGE = 128  # px: from this side on, the ImageNet-style defaults apply (see BuildConfig.resolved)
+AUTO_WORKERS_MIN_IMAGES = 256  # below this many training images, --num-workers defaults to 0 (see auto_num_workers)
+AUTO_WORKERS_MAX = 16
+DEFAULT_BAD_FRACTION = 0.001  # --max-bad-images default: 0.1% of the training images ...
+DEFAULT_BAD_MIN = 10  # ... and at least this many
 
 
 def option(default: Any, help: str, *, name: str | None = None, choices: typing.Sequence[str] | None = None,
@@ -111,7 +116,15 @@ class BuildConfig:
         "nearest its centre, among candidates the teacher gets right), confidence (RDED: the teacher's surest) "
         "or random.",
         choices=SELECTIONS, resume=True)
-    candidates: int = option(4, "Candidate crops scored per kept patch.")
+    candidates: int = option(
+        4, "Candidates scored per kept patch: the default pool of each class is ipc x factor^2 x this many "
+        "candidates (see --pool-images and --pool-crops).")
+    pool_images: int | None = option(
+        None, "Original images drawn per class for the candidate pool (RDED's images per class; default: "
+        "ipc x factor^2 x --candidates, at most the class's images).")
+    pool_crops: int | None = option(
+        None, "Candidate crops taken from each pooled image (RDED's crops per image; default: 1 for whole "
+        "images, --select-scale 1 1; otherwise as many as make up ipc x factor^2 x --candidates candidates).")
     select_scale: tuple[float, float] | None = option(
         None, "Area range of the candidate crops, as fractions of an image (default: 1 1, whole images, below "
         "128 px; 0.25 1 from 128 px).", metavar="MIN MAX",
@@ -122,9 +135,14 @@ class BuildConfig:
     min_steps: int = option(
         3000, "Floor on the distillation steps that --epochs gives: a small training set still gets enough "
         "steps (10 epochs of 1,300 images are 190 steps, far too few). 0: --epochs alone.")
-    refine_steps: int = option(0, "Image refinement steps (0: off).", resume=True)
+    refine_steps: int = option(0, "Image refinement steps, per block of --refine-chunk images (0: off).",
+                               resume=True)
     refine_lr: float = option(0.01, "Learning rate of the image refinement (Adam).")
     refine_prior: float = option(1.0, "Weight of the stay-near-init term.")
+    refine_chunk: int = option(
+        256, "Images refined together: memory is bounded by this block (5 float copies of it: the images, "
+        "their start, the gradient, Adam's two moments), blocks are split across torchrun processes, and "
+        "--refine-steps counts steps per block.")  # resumed with another size: the chunks are redone
     codec: str = option("png", "Codec of the stored images.", choices=CODECS)
     quality: int | None = option(None, "jpeg/webp quality, 1..100 (default: 90 for jpeg/webp; png and raw take none).")
     # -- fidelity ----------------------------------------------------------------------------------
@@ -139,7 +157,14 @@ class BuildConfig:
     keep_checkpoints: bool = option(False, "Keep the checkpoint folder after success.")
     overwrite: bool = option(False, "Replace an existing bundle at --out.")
     device: str | None = option(None, "cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if available).")
-    num_workers: int = option(0, "Data-loading worker processes.")
+    num_workers: int | None = option(
+        None, "Data-loading worker processes per process (default: the CPUs available to this process under "
+        "torchrun's LOCAL_WORLD_SIZE, less one for the main process, at most 16; 0 for in-memory data and for "
+        f"fewer than {AUTO_WORKERS_MIN_IMAGES} training images).")
+    max_bad_images: float | None = option(
+        None, "Training images that may fail to decode during the build (skipped, counted and named in the "
+        "manifest) before it stops: a count (1 or more), or a fraction of the images (below 1); 0 stops at the "
+        f"first (default: {DEFAULT_BAD_FRACTION:.1%} of the images, at least {DEFAULT_BAD_MIN}).")
     seed: int = option(0, "Seed of every random choice of the build.", resume=True)
 
     def __post_init__(self) -> None:
@@ -216,12 +241,18 @@ class BuildConfig:
             bad("--weight-decay", f"expected a number >= 0, got {self.weight_decay}")
         if self.refine_steps > 0 and not self.refine_lr > 0:
             bad("--refine-lr", f"expected a number > 0, got {self.refine_lr}")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             bad("--num-workers", f"expected an integer >= 0, got {self.num_workers}")
+        if self.max_bad_images is not None and not (
+                self.max_bad_images >= 0 and (self.max_bad_images < 1 or self.max_bad_images.is_integer())):
+            bad("--max-bad-images", f"expected a count (an integer >= 0) or a fraction below 1, got "
+                f"{self.max_bad_images}")
         if self.fidelity_views < 1:
             bad("--fidelity-views", f"expected an integer >= 1, got {self.fidelity_views}")
-        if self.candidates < 1:
-            bad("--candidates", f"expected an integer >= 1, got {self.candidates}")
+        for key in ("candidates", "pool_images", "pool_crops", "refine_chunk"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                bad(option_name(key), f"expected an integer >= 1, got {v}")
         # imagestore (codec rules) and torch (devices) are imported here, not at the top: importing this
         # module (the CLI does, to generate its options) must not load torch.
         from ..imagestore import check_codec
@@ -283,6 +314,55 @@ class BuildConfig:
 
 # The options a resumed build must share with the run that wrote the checkpoints.
 RESUME_FIELDS = tuple(f.name for f in dataclasses.fields(BuildConfig) if f.metadata["resume"])
+
+
+def auto_num_workers(num_images: int, *, cpus: int | None = None, local_world_size: int | None = None) -> int:
+    """The ``--num-workers`` default: the CPUs available to this process, less one for the main process.
+
+    The CPUs are those this process may run on (``os.sched_getaffinity``, else ``os.cpu_count``) shared
+    among the processes ``torchrun`` started on this machine (``LOCAL_WORLD_SIZE``), capped at
+    :data:`AUTO_WORKERS_MAX` (16: beyond that the decoding rarely pays for the processes' memory). 0 when
+    a process has one CPU, and 0 for fewer than :data:`AUTO_WORKERS_MIN_IMAGES` training images: starting
+    worker processes costs more than decoding a few hundred images in the main process (and keeps the test
+    suite's tiny builds fast).
+
+    Args:
+        num_images: the training images the data loader reads.
+        cpus: the CPUs to share (default: this process's affinity).
+        local_world_size: processes on this machine (default: ``LOCAL_WORLD_SIZE``, else 1).
+
+    Returns:
+        The number of data-loading worker processes, 0 to :data:`AUTO_WORKERS_MAX`.
+    """
+    if num_images < AUTO_WORKERS_MIN_IMAGES:
+        return 0
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_world_size is None:
+        try:
+            local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        except ValueError:
+            local_world_size = 1
+    per_process = cpus // max(1, local_world_size)
+    return max(0, min(AUTO_WORKERS_MAX, per_process - 1))
+
+
+def bad_image_limit(max_bad_images: float | None, num_images: int) -> int:
+    """How many images may fail to decode before a build stops (``--max-bad-images``, see its help).
+
+    Args:
+        max_bad_images: a count (>= 1), a fraction of ``num_images`` (< 1), 0, or None for the default
+            (:data:`DEFAULT_BAD_FRACTION` of the images, at least :data:`DEFAULT_BAD_MIN`).
+        num_images: the images of the training data.
+
+    Returns:
+        The largest number of undecodable images the build accepts.
+    """
+    if max_bad_images is None:
+        return max(DEFAULT_BAD_MIN, int(DEFAULT_BAD_FRACTION * num_images))
+    if max_bad_images >= 1:
+        return int(max_bad_images)
+    return int(max_bad_images * num_images)
 
 
 def option_name(name: str, config_cls: type = BuildConfig) -> str:

@@ -1,19 +1,24 @@
 """torch.distributed set-up for builds launched with ``torchrun`` (one process per device).
 
 Under torchrun (``WORLD_SIZE`` > 1 in the environment) the process group is NCCL on GPUs and gloo on
-the CPU. Only rank 0 writes files (checkpoints, the bundle); the others wait at barriers.
+the CPU. Only rank 0 writes files (checkpoints, the bundle), except that each rank checkpoints the
+refinement chunks it refines; the others wait at barriers. Work split across ranks (selection by class,
+refinement by chunk) comes back together through :func:`all_gather_blocks`.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
+import math
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["World", "init_world"]
+__all__ = ["World", "all_gather_blocks", "all_gather_json", "broadcast_json", "init_world"]
 
 
 @dataclass
@@ -68,3 +73,72 @@ def init_world(device: str | torch.device | None = None) -> World:
                                 timeout=datetime.timedelta(hours=6))
         owns = True
     return World(dist.get_rank(), dist.get_world_size(), local, dev, owns)
+
+
+def all_gather_blocks(
+    world: World, blocks: Mapping[int, torch.Tensor], shapes: Sequence[tuple[int, ...]], dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Gather work split across ranks: block ``i`` (of ``len(shapes)``, shape ``shapes[i]``) is computed on
+    rank ``i % world.size``, which holds it in ``blocks``; every rank gets every block, on the CPU, in
+    block order. One ``all_gather`` per round of ``world.size`` blocks, so no more than one round is in
+    flight (not the whole set); tensors only, nothing pickled.
+
+    Args:
+        world: the process group (one process: ``blocks`` is returned in order).
+        blocks: this rank's blocks, by block index.
+        shapes: the shape of every block (known on every rank).
+        dtype: the blocks' dtype.
+
+    Returns:
+        The blocks, ``len(shapes)`` CPU tensors.
+    """
+    if world.size == 1:
+        return [blocks[i].cpu() for i in range(len(shapes))]
+    dev = world.device if world.device.type == "cuda" else torch.device("cpu")  # NCCL: CUDA; gloo: CPU
+    out: list[torch.Tensor] = []
+    for first in range(0, len(shapes), world.size):
+        ids = range(first, min(first + world.size, len(shapes)))
+        numel = max(math.prod(shapes[i]) for i in ids)  # all_gather takes equal sizes: pad to the largest
+        send = torch.zeros(numel, dtype=dtype, device=dev)
+        if first + world.rank in ids:
+            own = blocks[first + world.rank]
+            send[:own.numel()] = own.reshape(-1).to(dev, dtype)
+        recv = [torch.empty_like(send) for _ in range(world.size)]
+        dist.all_gather(recv, send)
+        out.extend(recv[j][:math.prod(shapes[i])].view(shapes[i]).cpu().clone() for j, i in enumerate(ids))
+    return out
+
+
+def broadcast_json(world: World, obj=None):
+    """Rank 0's ``obj`` (a JSON value) on every rank; ``obj`` is ignored elsewhere.
+
+    Sent as UTF-8 JSON bytes in a uint8 tensor, not with ``broadcast_object_list``, which pickles: nothing
+    is unpickled anywhere in hellofmt, not even from a peer process."""
+    if world.size <= 1:
+        return obj
+    dev = world.device
+    data = json.dumps(obj).encode() if world.is_main else b""
+    n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+    dist.broadcast(n, 0)
+    if world.is_main:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+    else:
+        buf = torch.empty(int(n.item()), dtype=torch.uint8, device=dev)
+    dist.broadcast(buf, 0)
+    return json.loads(buf.cpu().numpy().tobytes()) if not world.is_main else obj
+
+
+def all_gather_json(world: World, obj) -> list:
+    """Every rank's ``obj`` (a JSON value), in rank order, on every rank (as :func:`broadcast_json`, no pickle)."""
+    if world.size <= 1:
+        return [obj]
+    dev = world.device
+    data = json.dumps(obj).encode()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world.size)]
+    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev))
+    longest = max(int(s.item()) for s in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8, device=dev)
+    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
+    bufs = [torch.empty(longest, dtype=torch.uint8, device=dev) for _ in range(world.size)]
+    dist.all_gather(bufs, mine)
+    return [json.loads(b[: int(s.item())].cpu().numpy().tobytes()) for b, s in zip(bufs, sizes)]

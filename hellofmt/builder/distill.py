@@ -10,9 +10,11 @@ against 29.8% with MSE (teacher online: 40%, hard labels: 22%). Students learn t
 distribution at the training temperature, and KL matches that distribution directly, while MSE
 spends its capacity on logit offsets that softmax ignores.
 
-Resuming: the view randomness of step ``k`` is seeded from ``(seed, rank, k)`` and the data order
-of an epoch from ``(seed, epoch)`` through a DistributedSampler, so a resumed run replays the exact
-batches it would have seen, starting at the checkpointed step rather than at zero.
+Data: one DataLoader for the whole run (worker processes started once and kept, each with batches
+prefetched), driven by a :class:`StepBatchSampler` that yields the batch of every step from the first to
+the last. Resuming: the view randomness of step ``k`` is seeded from ``(seed, rank, k)`` and the data
+order of an epoch from ``(seed, epoch)`` as a DistributedSampler orders it, so a resumed run replays the
+exact batches it would have seen, starting at the checkpointed step rather than at zero.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .. import augment
 from .checkpoint import CheckpointStore
-from .dist import World
+from .dist import World, all_gather_json
+from .inputs import collate_samples
 
-__all__ = ["DistillConfig", "distill_projector", "make_views", "step_generator", "cosine_lr", "kl_per_sample"]
+__all__ = ["DistillConfig", "StepBatchSampler", "distill_projector", "make_views", "step_generator", "cosine_lr",
+           "kl_per_sample"]
 
 
 @dataclass
@@ -51,6 +55,7 @@ class DistillConfig:
     mix: str = "cutmix"
     checkpoint_every: int = 200
     num_workers: int = 0
+    prefetch_factor: int | None = None  # batches each worker keeps ready; None: enough for 8 in flight (at least 2)
     seed: int = 0
     grad_clip: float = 1.0
 
@@ -95,6 +100,59 @@ def make_views(
     return views, labels, labels[perm], lam.to(dev).float()  # per-sample lam [n] from cutmix and mixup
 
 
+class StepBatchSampler(Sampler[list[int]]):
+    """The batches (lists of dataset indices) of optimiser steps ``start`` to ``stop - 1`` of one rank.
+
+    An epoch orders the dataset as ``DistributedSampler(shuffle=True, seed=seed)`` does after
+    ``set_epoch(epoch)`` (so step ``k``'s batch is a pure function of seed, epoch, rank, world size and
+    ``k``) and gives :attr:`per_epoch` batches of ``batch_size``: the rank's share cut into whole batches,
+    the remainder left out, or the whole share as one batch when it is smaller than a batch. Starting at
+    ``start`` yields the rest of that step's epoch, then the following epochs: a resumed run sees the
+    batches the uninterrupted run saw, and one DataLoader serves the whole run.
+
+    Args:
+        n: the dataset's length.
+        batch_size: samples per batch (per rank).
+        rank: this process's rank.
+        world_size: the processes sharing the data.
+        seed: the shuffling seed.
+        start: the first step to yield.
+        stop: the step to stop before (None: until :meth:`set_stop` is called, at most 2**62 steps).
+    """
+
+    def __init__(self, n: int, batch_size: int, *, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start: int = 0, stop: int | None = None):
+        self.n, self.batch_size, self.rank, self.world_size, self.seed = n, batch_size, rank, world_size, seed
+        self.drop_last = n >= world_size * batch_size
+        self._sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                           drop_last=self.drop_last)
+        self.per_epoch = max(1, len(self._sampler) // batch_size)
+        self.start = start
+        self.stop = 2**62 if stop is None else stop
+
+    def epoch_indices(self, epoch: int) -> list[int]:
+        """This rank's share of the dataset in epoch ``epoch``, in order."""
+        self._sampler.set_epoch(epoch)
+        return list(iter(self._sampler))
+
+    def batch(self, step: int) -> list[int]:
+        """The indices of step ``step``'s batch."""
+        j = step % self.per_epoch
+        return self.epoch_indices(step // self.per_epoch)[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def __iter__(self):
+        epoch, order = None, []
+        for step in range(self.start, self.stop):
+            if step // self.per_epoch != epoch:
+                epoch = step // self.per_epoch
+                order = self.epoch_indices(epoch)
+            j = step % self.per_epoch
+            yield order[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
     if warmup > 0 and step < warmup:
         return base * (step + 1) / warmup
@@ -125,6 +183,13 @@ def _trainable(module: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
+def _share_skipped(skipped, world: World) -> None:
+    """Give every rank the images that failed to decode on any rank (a collective: all ranks call it)."""
+    if skipped is not None and world.size > 1:
+        for part in all_gather_json(world, list(skipped.files.items())):
+            skipped.add(part)
+
+
 def distill_projector(
     projector: nn.Module,
     teacher: nn.Module,
@@ -137,7 +202,11 @@ def distill_projector(
     progress: bool = True,
 ) -> dict[str, float]:
     """Train the deltas attached to ``projector`` (its trainable parameters) on ``dataset`` (uint8
-    squares, int labels). Returns stats: steps run, the step resumed from, final loss, agreement."""
+    squares, int labels). Returns stats: steps run, the step resumed from, final loss, agreement.
+
+    A dataset with a ``skipped`` attribute (a :class:`~hellofmt.builder.inputs.SkippedImages`, as
+    :class:`~hellofmt.builder.inputs.FolderDataset` has) gets the images that failed to decode, from every
+    rank and from the checkpoint resumed; past its limit the build stops with a BuildInputError."""
     from tqdm.auto import tqdm
 
     dev = world.device
@@ -145,15 +214,17 @@ def distill_projector(
     if not params:
         raise RuntimeError("the projector has no trainable parameters; attach deltas first")
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sampler = DistributedSampler(dataset, num_replicas=world.size, rank=world.rank, shuffle=True,
-                                 seed=cfg.seed, drop_last=len(dataset) >= world.size * cfg.batch_size)
-    per_epoch = max(1, len(sampler) // cfg.batch_size)
+    batches = StepBatchSampler(len(dataset), cfg.batch_size, rank=world.rank, world_size=world.size, seed=cfg.seed)
+    per_epoch = batches.per_epoch
     total = cfg.steps if cfg.steps is not None else max(1, cfg.min_steps, round(cfg.epochs * per_epoch))
     warmup = round(cfg.warmup * total)
 
     start = 0
+    skipped = getattr(dataset, "skipped", None)  # a SkippedImages: images that failed to decode are counted there
     ck = store.load("distill") if resume else None
     if ck is not None:
+        if skipped is not None:
+            skipped.add(ck.scalars.get("skipped", {}).items())
         named = ck.params()
         with torch.no_grad():
             for n, p in params.items():
@@ -180,17 +251,15 @@ def distill_projector(
     shown = None
     t0 = time.perf_counter()
     model.train()
-    while step < total:
-        epoch = step // per_epoch
-        sampler.set_epoch(epoch)
-        skip = (step % per_epoch) * cfg.batch_size
-        indices = list(iter(sampler))[skip:]
-        loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=cfg.batch_size, shuffle=False,
-                            drop_last=False, num_workers=cfg.num_workers, pin_memory=dev.type == "cuda",
-                            persistent_workers=False)
-        for images, labels in loader:
-            if step >= total or step // per_epoch != epoch:
-                break
+    batches.start, batches.stop = start, total
+    workers = cfg.num_workers
+    prefetch = (cfg.prefetch_factor or max(2, -(-8 // workers))) if workers > 0 else None
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=collate_samples,
+                        pin_memory=dev.type == "cuda", persistent_workers=workers > 0, prefetch_factor=prefetch)
+    try:
+        for images, labels, failed in loader:
+            if failed and skipped is not None:
+                skipped.add(failed)  # raises past --max-bad-images
             images = images.to(dev, non_blocking=True)
             labels = labels.to(dev, non_blocking=True)
             g = step_generator(cfg.seed, world.rank, step, dev)
@@ -219,16 +288,23 @@ def distill_projector(
                 shown = now
                 bar.set_postfix(loss=f"{ema_loss.item():.4f}", agree=f"{ema_agree.item():.3f}")
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+                _share_skipped(skipped, world)
                 if world.is_main:
                     store.save("distill", step, params=params, optimizer=opt,
                                scalars={"total": total, "stats": {"loss": ema_loss.item(),
-                                                                   "agreement": ema_agree.item()}})
+                                                                   "agreement": ema_agree.item()},
+                                        "skipped": dict(skipped.files) if skipped is not None else {}})
                 world.barrier()
+    finally:
+        del loader  # ends its worker processes, which persistent_workers keeps otherwise
     bar.close()
+    _share_skipped(skipped, world)
     stats = {"loss": float(ema_loss.item()) if ema_loss is not None else 0.0,
              "agreement": float(ema_agree.item()) if ema_agree is not None else 0.0}
     if world.is_main:
-        store.save("distill", step, params=params, optimizer=opt, scalars={"total": total, "stats": stats}, done=True)
+        store.save("distill", step, params=params, optimizer=opt, done=True,
+                   scalars={"total": total, "stats": stats,
+                            "skipped": dict(skipped.files) if skipped is not None else {}})
     world.barrier()
     model.eval()
     return {"distill_steps": float(total), "distill_resumed_from": float(start),

@@ -9,6 +9,11 @@ rather than its easiest examples), ``confidence`` (RDED's: the teacher's surest)
 most one candidate per source image is kept while there are enough sources. Below 128 px the
 defaults keep whole images (``factor`` 1, ``select_scale`` (1, 1)); the student measurements behind
 that are in benchmarks/README.md.
+
+The candidate pool is RDED's images per class x crops per image (:func:`candidate_pool`; by default
+``--candidates`` candidates per kept patch). Under torchrun the classes are split across ranks and the
+results gathered; a class's randomness comes from ``(seed, class)``, so the images do not depend on the
+number of processes.
 """
 
 from __future__ import annotations
@@ -20,9 +25,11 @@ from torch import nn
 from .. import augment
 from ..errors import BuildInputError
 from .config import SELECTIONS
+from .dist import World, all_gather_blocks, all_gather_json
 from .inputs import ImageFolder, TensorData, data_labels, load_all, scan_image_folder
 
-__all__ = ["SELECTIONS", "distinct_first", "images_from_folder", "kmeans", "rded_images", "stitch"]
+__all__ = ["SELECTIONS", "candidate_pool", "class_generator", "distinct_first", "images_from_folder", "kmeans",
+           "rded_images", "stitch"]
 
 
 def images_from_folder(
@@ -136,9 +143,75 @@ def _pick(scores: torch.Tensor, feats: torch.Tensor | None, need: int, selection
     if picked.numel() < need:  # empty clusters: fill with the most confident of the rest
         rest = torch.ones(n, dtype=torch.bool, device=scores.device)
         rest[picked] = False
-        extra = torch.where(rest, scores, torch.full_like(scores, -float("inf"))).topk(need - picked.numel()).indices
+        extra = torch.where(rest, scores, torch.full_like(scores, -float("inf")))
+        extra = extra.topk(min(n, need) - picked.numel()).indices  # fewer candidates than need: rded_images repeats
         picked = torch.cat([picked, extra])
     return picked[:need]
+
+
+def class_generator(seed: int, c: int) -> torch.Generator:
+    """The CPU generator of class ``c``'s selection (its sources, crops and k-means), seeded from
+    ``(seed, c)`` alone: a class gets the same candidates on whichever rank selects it, so the result
+    does not depend on the world size."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + (c + 1) * 15_485_863 + 7) % (2**63 - 1))
+    return g
+
+
+def candidate_pool(class_size: int, need: int, candidates: int, *, pool_images: int | None = None,
+                   pool_crops: int | None = None, whole: bool = False) -> tuple[int, int, int]:
+    """The candidate pool of one class, RDED-style: images drawn x crops per image.
+
+    By default (``pool_images`` and ``pool_crops`` None) the pool is ``need x candidates`` candidates
+    (``need`` = ipc x factor^2 kept patches): that many images when the class has them, several crops of
+    each otherwise; whole images (``whole``: ``--select-scale 1 1``) give one crop each, since every crop
+    of an image is the same image. Given, ``pool_images`` (capped by the class size) and ``pool_crops``
+    set the pool as RDED does (its defaults on ImageNet: 300 images x 5 crops).
+
+    Args:
+        class_size: the class's training images.
+        need: patches kept for the class (ipc x factor^2).
+        candidates: ``--candidates``, candidates per kept patch.
+        pool_images: ``--pool-images``, images drawn per class.
+        pool_crops: ``--pool-crops``, crops per drawn image.
+        whole: candidates are whole images.
+
+    Returns:
+        (images drawn, crops per image, candidates scored); candidate ``j`` is crop ``j // images`` of
+        image ``j % images``.
+    """
+    target = need * max(1, candidates)
+    n_img = max(1, min(class_size, pool_images or target))
+    if pool_crops is not None:
+        crops = pool_crops
+    elif whole:
+        crops = 1
+    else:
+        crops = -(-target // n_img)
+    total = n_img * crops
+    if pool_images is None and pool_crops is None:
+        total = min(total, target)
+    return n_img, crops, total
+
+
+class _ClassSources(torch.utils.data.Dataset):
+    """Item ``i``: the uint8 source images of the ``i``-th class a rank selects for, so that a DataLoader's
+    workers decode the next classes while the current one is scored."""
+
+    def __init__(self, data: ImageFolder | TensorData, sources: list[list[int]], size: int):
+        self.data, self.sources, self.size = data, sources, size
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+        # Images that fail to decode are skipped and recorded in data.skipped (inputs.SkippedImages); in a
+        # worker process that is the worker's copy, so the new ones travel back with the images.
+        skipped = getattr(self.data, "skipped", None)
+        known = set(skipped.files) if skipped is not None else set()
+        images = load_all(self.data, self.sources[i], self.size)[0]
+        failed = [(p, r) for p, r in skipped.files.items() if p not in known] if skipped is not None else []
+        return images, failed
 
 
 @torch.no_grad()
@@ -152,18 +225,22 @@ def rded_images(
     image_size: int = 32,
     load_size: int | None = None,
     candidates: int = 4,
+    pool_images: int | None = None,
+    pool_crops: int | None = None,
     scale: tuple[float, float] = (0.25, 1.0),
     selection: str = "confidence",
     embed=None,
     batch_size: int = 128,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    num_workers: int = 0,
+    num_workers: int | None = 0,
+    world: World | None = None,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Select and stitch patches: ``ipc`` uint8 images per class at ``image_size``. Each class draws
-    ``ipc x factor^2 x candidates`` random crops (area fraction in ``scale``) from its own training
-    images (cycling over them when there are few) and keeps ``ipc x factor^2`` of them:
+    """Select and stitch patches: ``ipc`` uint8 images per class at ``image_size``. Each class scores a
+    pool of random crops (area fraction in ``scale``) of its own training images (see
+    :func:`candidate_pool`: by default ``ipc x factor^2 x candidates`` of them) and keeps
+    ``ipc x factor^2``:
 
     - ``"confidence"`` (RDED): the crops with the highest teacher log-probability of the class;
     - ``"kmeans"``: crops the teacher puts in the class, clustered in the embedding space of ``embed``
@@ -171,8 +248,13 @@ def rded_images(
       nearest each cluster centre: coverage of the class rather than its easiest examples;
     - ``"random"``: crops drawn at random (the control; no teacher involved in the choice).
 
+    Under torchrun (``world`` with several processes) rank ``r`` selects the classes ``c % size == r``
+    and every rank gets all the results. A class's randomness is seeded from ``(seed, c)``
+    (:func:`class_generator`), so the images do not depend on the world size. Each class's sources are
+    decoded by a DataLoader with ``num_workers`` workers (not for in-memory data), overlapping scoring.
+
     Returns (images, labels, stats: mean teacher confidence of the kept patches, fraction of them the
-    teacher classifies correctly)."""
+    teacher classifies correctly), the same on every rank."""
     from tqdm.auto import tqdm
 
     if ipc < 1 or factor < 1:
@@ -180,34 +262,57 @@ def rded_images(
     if selection not in SELECTIONS:
         raise BuildInputError(f"unknown selection {selection!r}", field="--selection",
                               fix=f"use one of {', '.join(SELECTIONS)}")
+    world = world or World()
     load_size = load_size or image_size
     dev = torch.device(device)
     labels_all = data_labels(data)
     train = torch.tensor(train_indices, dtype=torch.int64)
+    num_classes = data.num_classes
+    # Checked for every class on every rank, so that all ranks fail together rather than some waiting.
+    counts = torch.bincount(labels_all[train], minlength=num_classes) if train.numel() else \
+        torch.zeros(num_classes, dtype=torch.int64)
+    if (counts == 0).any():
+        c = int((counts == 0).nonzero()[0])
+        raise BuildInputError(f"class {c} has no training images left after the held-out split",
+                              field="--holdout", fix="lower --holdout or add images")
     k = factor * factor
     need = ipc * k
-    n_cand = need * max(1, candidates)
     patch = max(1, image_size // factor)
-    g = torch.Generator().manual_seed(seed)
-    gd = torch.Generator(device=dev).manual_seed(seed + 1)
-    out, out_labels, conf, correct = [], [], [], []
-    num_classes = data.num_classes
+    whole = float(scale[0]) >= 1.0
+    mine = list(range(world.rank, num_classes, world.size))
+    by_class = torch.split(train[torch.argsort(labels_all[train], stable=True)], counts.tolist())  # in train order
+    gens, plans, sources = {}, {}, []
+    for c in mine:
+        g = gens[c] = class_generator(seed, c)
+        pool = by_class[c]
+        n_img, crops, total = candidate_pool(pool.numel(), need, candidates, pool_images=pool_images,
+                                             pool_crops=pool_crops, whole=whole)
+        sources.append(pool[torch.randperm(pool.numel(), generator=g)[:n_img]].tolist())
+        plans[c] = total
+    workers = 0 if isinstance(data, TensorData) else (num_workers or 0)  # in-memory data needs no workers
+    loader = torch.utils.data.DataLoader(_ClassSources(data, sources, load_size), batch_size=None, shuffle=False,
+                                         num_workers=workers, pin_memory=dev.type == "cuda")
     teacher.eval()
-    for c in tqdm(range(num_classes), desc=f"select patches ({selection})", disable=not progress, dynamic_ncols=True):
-        pool = train[labels_all[train] == c]
-        if pool.numel() == 0:
-            raise BuildInputError(f"class {c} has no training images left after the held-out split",
-                                  field="--holdout", fix="lower --holdout or add images")
-        # Each source image gives several crops when the class has fewer images than candidates.
-        src = pool[torch.randperm(pool.numel(), generator=g)[: min(pool.numel(), n_cand)]]
-        per_img = -(-n_cand // src.numel())
-        imgs, _ = load_all(data, src.tolist(), load_size, num_workers=num_workers)
-        imgs = imgs.to(dev)
+    out: dict[int, torch.Tensor] = {}
+    stats: dict[int, torch.Tensor] = {}
+    bar = tqdm(zip(mine, loader), total=len(mine), desc=f"select patches ({selection})",
+               disable=not (progress and world.is_main), dynamic_ncols=True)
+    skipped = getattr(data, "skipped", None)
+    for c, (imgs, failed) in bar:
+        if failed:
+            skipped.add(failed)  # raises past --max-bad-images
+        g = gens.pop(c)
+        if imgs.shape[0] == 0:  # every drawn source failed to decode
+            raise BuildInputError(f"no readable candidate images in class {c}", field="--train-data",
+                                  fix="delete or re-encode the class's unreadable images")
+        imgs = imgs.to(dev, non_blocking=True)
+        n_cand = plans[c]
+        # candidate j is a crop of source j % n: every source gives one crop before any gives two
+        order = torch.arange(imgs.shape[0]).repeat(-(-n_cand // imgs.shape[0]))[:n_cand]
         scores, preds, crops, feats = [], [], [], []
-        order = torch.arange(src.numel()).repeat(per_img)[:n_cand]
         for s in range(0, n_cand, batch_size):
             idx = order[s:s + batch_size].to(dev)
-            boxes = augment.sample_boxes(idx.numel(), scale=tuple(scale), generator=gd, device=dev)
+            boxes = augment.sample_boxes(idx.numel(), scale=tuple(scale), generator=g, device=dev)
             flips = torch.zeros(idx.numel(), dtype=torch.bool, device=dev)
             views = augment.crop_resize(imgs[idx], boxes, flips, image_size)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
@@ -226,9 +331,14 @@ def rded_images(
             best = best.repeat(-(-need // best.numel()))[:need]
         # Deal patches round-robin so every image mixes strong and weaker patches.
         best = best.view(k, ipc).t().reshape(-1)
-        conf.append(scores[best].exp().mean().item())
-        correct.append((preds[best] == c).float().mean().item())
-        out.append(stitch(crops[best], factor, image_size).clamp(0, 1).mul(255).round().to(torch.uint8).cpu())
-        out_labels.append(torch.full((ipc,), c, dtype=torch.int64))
-    return torch.cat(out), torch.cat(out_labels), {"init_teacher_confidence": sum(conf) / len(conf),
-                                                  "init_teacher_top1": sum(correct) / len(correct)}
+        stats[c] = torch.tensor([scores[best].exp().mean().item(), (preds[best] == c).float().mean().item()],
+                                dtype=torch.float64)
+        out[c] = stitch(crops[best], factor, image_size).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    if skipped is not None and world.size > 1:  # every rank (rank 0 writes the manifest) counts every rank's
+        for part in all_gather_json(world, list(skipped.files.items())):
+            skipped.add(part)
+    images = all_gather_blocks(world, out, [(ipc, 3, image_size, image_size)] * num_classes, torch.uint8)
+    st = all_gather_blocks(world, stats, [(2,)] * num_classes, torch.float64)
+    labels = torch.arange(num_classes, dtype=torch.int64).repeat_interleave(ipc)
+    return torch.cat(images), labels, {"init_teacher_confidence": sum(float(t[0]) for t in st) / num_classes,
+                                       "init_teacher_top1": sum(float(t[1]) for t in st) / num_classes}

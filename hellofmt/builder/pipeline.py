@@ -5,7 +5,8 @@ in-memory data (``(images, labels)`` tensors) directly. Its options are a
 :class:`~hellofmt.builder.config.BuildConfig`, which the bundle's provenance records. Each stage records
 its wall time; the long ones checkpoint into ``checkpoint_dir`` (default ``OUT.ckpt``) so ``resume=True``
 continues where an interrupted run stopped. Under ``torchrun`` the distillation runs on every process
-(DDP); the later stages are cheap and run on rank 0, which alone writes files.
+(DDP), selection and refinement are split across the processes (by class, by chunk), and rank 0 alone
+measures fidelity and writes the bundle.
 """
 
 from __future__ import annotations
@@ -26,17 +27,20 @@ from .. import __version__
 from ..errors import BuildError, BuildInputError
 from ..manifest import Head, LabelRecipe, Manifest, Provenance
 from .checkpoint import CheckpointStore
-from .config import RESUME_FIELDS, BuildConfig
+from .config import RESUME_FIELDS, BuildConfig, auto_num_workers, bad_image_limit
 from .dist import init_world
 from .distill import DistillConfig, distill_projector
+from .hfdata import HFData, hf_source, open_hf_data
 from .inputs import (
     ImageFolder,
+    SkippedImages,
     TensorData,
     data_labels,
     dataset_for,
     load_all,
     load_class_map,
     scan_image_folder,
+    scan_once,
     split_holdout,
 )
 from .teachers import check_teacher_specs, load_teachers
@@ -71,13 +75,15 @@ def build_warnings(
     train_count: int | None = None,
     originals_per_class: Sequence[int] | None = None,
     classes: Sequence[str] | None = None,
+    skipped_images: Sequence[str] | None = None,
 ) -> list[str]:
     """What about a finished build should worry its user, one sentence each with the fix.
 
     - held-out top-1 agreement with the teacher below :func:`agreement_floor` (or, with no held-out
       images, agreement on the bundle's views): the projector has barely learned the teacher;
     - distillation shorter than one pass over the training originals;
-    - ``--ipc`` at or above the originals of some class: its images reuse the same few originals.
+    - ``--ipc`` at or above the originals of some class: its images reuse the same few originals;
+    - training images that failed to decode and were skipped (``inputs.skipped_images``).
 
     Args:
         metrics: the build's metrics (``fidelity.heldout.top1_agreement``, ``distill.steps``, ...).
@@ -86,6 +92,7 @@ def build_warnings(
         train_count: original images the projector was distilled on.
         originals_per_class: training originals of each class (None: images were given, not selected).
         classes: class names, to name the classes concerned.
+        skipped_images: the training images that failed to decode (skipped), to name the first few.
 
     Returns:
         The warnings, possibly none.
@@ -125,11 +132,26 @@ def build_warnings(
                 f"holds no fewer images than the data it distils. Fix: --ipc below {min(originals_per_class)}, "
                 f"or add originals."
             )
+    n_bad = int(metrics.get("inputs.skipped_images", 0))
+    if n_bad:
+        named = f" ({', '.join(list(skipped_images)[:5])}{', ...' if n_bad > 5 else ''})" if skipped_images else ""
+        out.append(
+            f"{n_bad} training image(s) failed to decode and were skipped{named}; the manifest's "
+            f"provenance.extra.skipped_images names the first {_LISTED_SKIPPED}. Fix: delete or re-encode them."
+        )
     return out
 
 
-def _resolve_data(train_data, classes) -> tuple[ImageFolder | TensorData, list[str]]:
-    """A path becomes a checked ImageFolder; tensors / datasets become TensorData."""
+_LISTED_SKIPPED = 20  # skipped images named in provenance.extra
+
+
+def _resolve_data(train_data, classes, *, world=None, store=None,
+                  resume: bool = False) -> tuple[ImageFolder | TensorData | HFData, list[str]]:
+    """A path becomes a checked ImageFolder; tensors / datasets become TensorData; a Hugging Face dataset
+    (``hf://datasets/ORG/NAME[:SPLIT]``, a ``save_to_disk`` folder, a ``datasets.Dataset``) becomes HFData."""
+    if hf_source(train_data) is not None:
+        hf = open_hf_data(hf_source(train_data), classes)
+        return hf, hf.names
     if isinstance(train_data, (str, os.PathLike)):
         cmap = None
         if isinstance(classes, (str, os.PathLike)):
@@ -139,7 +161,10 @@ def _resolve_data(train_data, classes) -> tuple[ImageFolder | TensorData, list[s
         elif classes is not None:
             raise BuildInputError("with an image folder, classes must be a class-map file or a dict",
                                   field="classes")
-        folder = scan_image_folder(train_data, class_map=cmap)
+        if world is None:
+            folder = scan_image_folder(train_data, class_map=cmap)
+        else:  # rank 0 scans (or reuses its index on resume) and sends the listing to the others
+            folder = scan_once(train_data, class_map=cmap, world=world, store=store, resume=resume)
         return folder, folder.names
     if isinstance(train_data, TensorData):
         return train_data, train_data.names
@@ -213,7 +238,8 @@ def build_bundle(
     Every option with a default is a field of :class:`~hellofmt.builder.config.BuildConfig`; pass a config,
     or the fields as keywords (``build_bundle(..., ipc=10, rank=16)``), or both (keywords win). Long
     stages checkpoint into ``checkpoint_dir`` (default ``OUT.ckpt``) and ``resume=True`` continues them.
-    Under ``torchrun`` every process distils (DDP) and rank 0 alone makes the images and writes.
+    Under ``torchrun`` every process distils (DDP), selects and refines its share of the images, and rank 0
+    alone measures fidelity and writes.
 
     Args:
         train_data: the original data: an image-folder path (``DIR/CLASS/IMAGE``), ``(images, labels)``
@@ -266,7 +292,10 @@ def build_bundle(
         with _timed(timings, "inputs"):
             if out.exists() and not c.overwrite:
                 raise BuildInputError("already exists", file=out, field="--out", fix="pass --overwrite or another path")
-            data, names = _resolve_data(train_data, classes)
+            data, names = _resolve_data(train_data, classes, world=world, store=store, resume=c.resume)
+            if hasattr(data, "skipped"):  # folder images / dataset rows that fail to decode later: skipped, counted
+                n_data = len(data_labels(data))
+                data.skipped = SkippedImages(bad_image_limit(c.max_bad_images, n_data), n_data)
             num_classes = len(names)
             if num_classes < 2:
                 raise BuildInputError("need at least two classes", field="--train-data")
@@ -287,6 +316,8 @@ def build_bundle(
             lsize = c.load_size or max(size, round(size * 8 / 7))
             labels_all = data_labels(data)
             train_idx, held_idx = split_holdout(labels_all, c.holdout, seed=c.seed)
+            if c.num_workers is None:  # auto (recorded as used): none for in-memory data, see auto_num_workers
+                c = c.replace(num_workers=0 if isinstance(data, TensorData) else auto_num_workers(len(train_idx)))
             probe_imgs, _ = load_all(data, _probe_indices(labels_all, train_idx), lsize)
             probe = _views(probe_imgs.to(dev), size, c.seed)
             ens, tdescs = load_teachers(tspecs, num_classes=num_classes, weights=tw, probe=probe, device=dev)
@@ -318,44 +349,46 @@ def build_bundle(
             metrics["distill.resumed_from"] = stats["distill_resumed_from"]
             metrics["distill.final_loss"] = stats["loss"]
             metrics["distill.train_agreement"] = stats["agreement"]
-        if not world.is_main:
-            return BuildResult(path=None, metrics=metrics, timings=timings, summary=None, warnings=[])
-
         projector.eval()
         for p in projector.parameters():
             p.requires_grad_(False)
-        # ---- 3. images ---------------------------------------------------------------------------
+        # ---- 3. images: every rank selects the classes c % world == rank; all get every image ----------
         with _timed(timings, "images"):
+            # under torchrun every rank reads the same (shared) checkpoint folder, so all take the same branch
             ck = store.load("images") if c.resume else None
             if ck is not None and ck.done:
                 syn, syn_labels = ck.params()["images"], ck.params()["labels"]
-            elif images is not None:
-                syn, syn_labels = pre_images, pre_labels
             else:
-                from .images import rded_images
+                if images is not None:
+                    syn, syn_labels = pre_images, pre_labels
+                else:
+                    from .images import rded_images
 
-                syn, syn_labels, st = rded_images(data, ens, train_indices=train_idx, ipc=c.ipc, factor=c.factor,
-                                                  image_size=size, load_size=lsize, candidates=c.candidates,
-                                                  selection=c.selection, scale=tuple(c.select_scale),
-                                                  embed=_embedder(projector),
-                                                  device=dev, seed=c.seed, num_workers=c.num_workers, progress=progress)
-                metrics.update({f"images.{k}": v for k, v in st.items()})
-            store.save("images", 0, params={"images": syn, "labels": syn_labels}, done=True)
-        syn = syn.to(dev)
-        syn_labels = syn_labels.to(dev)
+                    syn, syn_labels, st = rded_images(
+                        data, ens, train_indices=train_idx, ipc=c.ipc, factor=c.factor, image_size=size,
+                        load_size=lsize, candidates=c.candidates, pool_images=c.pool_images, pool_crops=c.pool_crops,
+                        selection=c.selection, scale=tuple(c.select_scale), embed=_embedder(projector), device=dev,
+                        seed=c.seed, num_workers=c.num_workers, world=world, progress=progress)
+                    metrics.update({f"images.{k}": v for k, v in st.items()})
+                store.save("images", 0, params={"images": syn, "labels": syn_labels}, done=True)  # rank 0 writes
 
-        # ---- 4. refinement ----------------------------------------------------------------------
+        # ---- 4. refinement: chunk i on rank i % world, gathered on every rank ---------------------------
         if c.refine_steps > 0:
             from .refine import refine_images
 
             with _timed(timings, "refine"):
-                syn, st = refine_images(projector, ens, syn, syn_labels, steps=c.refine_steps, view_size=size,
-                                        lr=c.refine_lr, prior=c.refine_prior, temperature=c.temperature,
-                                        batch_size=c.batch_size, mix=c.mix, seed=c.seed, store=store,
-                                        scale=tuple(c.scale),
-                                        resume=c.resume,
-                                        checkpoint_every=max(1, c.checkpoint_every // 2), progress=progress)
+                # each rank checkpoints the chunks it refines (distinct files), so this store writes on all ranks
+                syn, st = refine_images(projector, ens, syn.cpu(), syn_labels.cpu(), steps=c.refine_steps,
+                                        view_size=size, lr=c.refine_lr, prior=c.refine_prior,
+                                        temperature=c.temperature, batch_size=c.batch_size, mix=c.mix, seed=c.seed,
+                                        chunk=c.refine_chunk, store=CheckpointStore(store.dir), scale=tuple(c.scale),
+                                        resume=c.resume, world=world, progress=progress,
+                                        checkpoint_every=max(1, c.checkpoint_every // 2) if c.checkpoint_every else 0)
                 metrics.update({k.replace("refine_", "refine."): v for k, v in st.items()})
+        if not world.is_main:  # fidelity and writing are rank 0's
+            return BuildResult(path=None, metrics=metrics, timings=timings, summary=None, warnings=[])
+        syn = syn.to(dev)
+        syn_labels = syn_labels.to(dev)
 
         # ---- 5. fidelity + probe -----------------------------------------------------------------
         from .fidelity import measure
@@ -378,8 +411,13 @@ def build_bundle(
             from ..probe import compute_probe
 
             probe_rec = compute_probe(projector, syn)
+            tracker = getattr(data, "skipped", None)
+            skipped = list(tracker.files) if tracker is not None else []
+            if tracker is not None:
+                metrics["inputs.skipped_images"] = len(skipped)
             warnings = build_warnings(
                 metrics, num_classes=num_classes, config=c, train_count=len(train_idx), classes=names,
+                skipped_images=skipped,
                 originals_per_class=(torch.bincount(labels_all[train_idx], minlength=num_classes).tolist()
                                      if images is None and train_idx else None),
             )
@@ -414,7 +452,8 @@ def build_bundle(
                         seed=c.seed,
                         extra={"timings_s": {k: round(v, 3) for k, v in timings.items()},
                                "world_size": world.size, "device": str(dev),
-                               **({"warnings": warnings} if warnings else {})},
+                               **({"warnings": warnings} if warnings else {}),
+                               **({"skipped_images": skipped[:_LISTED_SKIPPED]} if skipped else {})},
                     ),
                     metrics={k: float(v) for k, v in metrics.items()},
                     probe=probe_rec,
