@@ -184,8 +184,8 @@ def test_unknown_override_is_refused_with_a_suggestion(tmp_path):
 
 def test_replace_leaves_the_original_alone():
     base = BuildConfig(ipc=2)
-    c = base.replace(rank=16, templates=["{}"])
-    assert (c.rank, c.ipc, c.templates) == (16, 2, ("{}",)) and base.rank == 8 and base.templates is None
+    c = base.replace(rank=32, templates=["{}"])
+    assert (c.rank, c.ipc, c.templates) == (32, 2, ("{}",)) and base.rank == 16 and base.templates is None
 
 
 def test_to_dict_round_trips_through_json():
@@ -304,7 +304,7 @@ def _loaded_after(code: str) -> set[str]:
 
 
 def test_build_config_and_build_help_do_not_import_torch():
-    loaded = _loaded_after("import hellofmt\nassert hellofmt.BuildConfig().rank == 8\n"
+    loaded = _loaded_after("import hellofmt\nassert hellofmt.BuildConfig().rank == 16\n"
                            "from hellofmt.builder import BuildConfig\nassert BuildConfig is hellofmt.BuildConfig")
     assert "torch" not in loaded and "hellofmt.builder.pipeline" not in loaded
     loaded = _loaded_after("from click.testing import CliRunner\nfrom hellofmt.cli import main\n"

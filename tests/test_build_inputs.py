@@ -258,3 +258,36 @@ def test_large_jpeg_decodes_at_reduced_size_close_to_the_full_decode(tmp_path, m
     small = tmp_path / "small.jpg"  # no larger than twice the target: decoded in full, as before
     Image.fromarray(img[:200, :300].clip(0, 255).astype(np.uint8)).save(small, "JPEG", quality=92)
     assert (load_image(str(small), 146).float() - _reference_square(small, 146).float()).abs().mean() < 1.0
+
+
+# ------------------------------------------------------------------------------------------------
+# distillation views: one copy per step, the same draws as the per-call functions
+# ------------------------------------------------------------------------------------------------
+def _views_per_call(images, labels, *, size, generator, scale, mix):
+    """make_views as 0.2.0 wrote it: each random draw made and moved to the device by its own call."""
+    from hellofmt import augment
+
+    n = images.shape[0]
+    boxes = augment.sample_boxes(n, scale=scale, generator=generator)
+    flips = augment.sample_flips(n, generator=generator)
+    views = augment.crop_resize(images, boxes, flips, size)
+    if mix == "none" or n < 2:
+        return views, labels, labels, torch.ones(n)
+    if mix == "cutmix-mixup":
+        mix = "cutmix" if torch.rand((), generator=generator).item() < 0.5 else "mixup"
+    views, perm, lam = (augment.cutmix if mix == "cutmix" else augment.mixup)(views, generator=generator)
+    return views, labels, labels[perm], lam.float()
+
+
+@pytest.mark.parametrize("mix", ["none", "cutmix", "mixup", "cutmix-mixup"])
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_make_views_draws_what_the_per_call_functions_draw(mix, n):
+    from hellofmt.builder.distill import make_views, step_generator
+
+    x = torch.randint(0, 256, (n, 3, 37, 37), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    y = torch.arange(n)
+    for step in range(3):
+        want = _views_per_call(x, y, size=32, generator=step_generator(0, 0, step), scale=(0.25, 1.0), mix=mix)
+        got = make_views(x, y, size=32, generator=step_generator(0, 0, step), scale=(0.25, 1.0), mix=mix)
+        for w, g in zip(want, got):
+            assert torch.equal(w, g)

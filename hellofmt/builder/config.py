@@ -83,8 +83,8 @@ class BuildConfig:
     templates: tuple[str, ...] | None = option(
         None, "Prompt template with {} for the class name (repeatable; default: hellofmt.projector's templates).",
         name="--template")
-    rank: int = option(8, "Rank of the encoder deltas.", resume=True)
-    head_rank: int | None = option(8, "Rank of the head delta (0: none).", resume=True)  # None: the same as rank
+    rank: int = option(16, "Rank of the encoder deltas (16: chosen by students, benchmarks/README.md).", resume=True)
+    head_rank: int | None = option(16, "Rank of the head delta (0: none).", resume=True)  # None: the same as rank
     alpha: float | None = option(None, "Delta scale alpha (default: the rank).", resume=True)
     head_alpha: float | None = option(None, "Head delta scale (default: the head rank).", resume=True)
     targets: tuple[str, ...] | None = option(
@@ -104,7 +104,12 @@ class BuildConfig:
     ce_weight: float = option(0.1, "Weight of the hard-label cross-entropy.")
     temperature: float = option(1.0, "Label temperature (KL loss, manifest recipe).")
     mix: str = option("cutmix", "The loader's default mixing (label recipe).", choices=MIX_MODES)
-    distill_mix: str | None = option(None, "Mixing of the distillation views (default: --mix).", choices=MIX_MODES)
+    distill_mix: str | None = option(
+        "none", "Mixing of the distillation views. Default none: projectors distilled on unmixed views labelled "
+        "held-out views more like the teacher and trained better students on both benchmark sets "
+        "(benchmarks/README.md); the students' CutMix views are still labelled. Null in a recorded "
+        "build_args (0.2.0) means --mix.",
+        choices=MIX_MODES)
     # -- images ------------------------------------------------------------------------------------
     image_size: int | None = option(None, "Synthetic image side (default: the foundation's input size).",
                                     resume=True)

@@ -82,22 +82,24 @@ def make_views(
     mix: str = "cutmix",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loader's augmentation family on a batch: returns (views float [B,3,size,size] in [0,1],
-    labels, partner labels, lam = fraction of the view that shows ``labels``)."""
+    labels, partner labels, lam = fraction of the view that shows ``labels``).
+
+    The step's random numbers are drawn from ``generator`` (a CPU generator: the same views on every
+    device) by :func:`hellofmt.augment.sample_epoch`, in the order the per-call functions draw them,
+    and reach the device in one non-blocking copy from pinned memory: no blocking host-to-device copy
+    that would make the host wait for the previous step's GPU work before queueing this one."""
     n = images.shape[0]
     dev = images.device
-    boxes = augment.sample_boxes(n, scale=tuple(scale), ratio=tuple(ratio), generator=generator, device=dev)
-    flips = augment.sample_flips(n, generator=generator, device=dev)
-    views = augment.crop_resize(images, boxes, flips, size)
-    ones = torch.ones(n, device=dev)
-    if mix == "none" or n < 2:
-        return views, labels, labels, ones
-    if mix == "cutmix-mixup":
-        use = "cutmix" if torch.rand((), generator=generator, device=generator.device).item() < 0.5 else "mixup"
+    d = augment.sample_epoch([n], scale=tuple(scale), ratio=tuple(ratio), mix=mix if n >= 2 else "none",
+                             generator=generator, device=dev)[0]
+    views = augment.crop_resize(images, d.boxes, d.flips, size)
+    if d.mode == "none":
+        return views, labels, labels, torch.ones(n, device=dev)
+    if d.mode == "cutmix":
+        views, lam = augment.paste(views, d.perm, d.cut)
     else:
-        use = mix
-    fn = augment.cutmix if use == "cutmix" else augment.mixup
-    views, perm, lam = fn(views, generator=generator)
-    return views, labels, labels[perm], lam.to(dev).float()  # per-sample lam [n] from cutmix and mixup
+        views, lam = augment.blend(views, d.perm, d.lam), d.lam
+    return views, labels, labels[d.perm], lam.float()  # per-sample lam [n]
 
 
 class StepBatchSampler(Sampler[list[int]]):
