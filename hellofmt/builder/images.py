@@ -320,11 +320,7 @@ def rded_images(
             scores.append(logits.log_softmax(1)[:, c])
             preds.append(logits.argmax(1))
             if selection == "kmeans" and embed is not None:
-                import os as _os  # EXPERIMENT (not to commit)
-                if _os.environ.get("HELLOFMT_EXP_FEATS") == "teacher":
-                    feats.append(F.normalize(logits.log_softmax(1) - logits.log_softmax(1).mean(1, keepdim=True), dim=-1))
-                else:
-                    feats.append(F.normalize(embed(views).float(), dim=-1))
+                feats.append(F.normalize(embed(views).float(), dim=-1))
             crops.append(F.interpolate(views, size=(patch, patch), mode="bilinear", antialias=True,
                                        align_corners=False) if patch != image_size else views)
         scores = torch.cat(scores)
