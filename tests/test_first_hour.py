@@ -197,9 +197,19 @@ def test_unreachable_hub_fails_at_once_naming_the_spec(monkeypatch, tmp_path, ca
     assert "Retrying" not in caplog.text
 
 
+def _fake_hub(monkeypatch, tmp_path, *, metadata, download):
+    """An online Hub (HF_HUB_OFFLINE off, an empty cache) whose metadata request and download are
+    ``metadata`` and ``download``."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", metadata)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+
+
 def test_a_transport_error_from_the_metadata_request_is_offline(monkeypatch, tmp_path, no_backoff):
     import httpx2
-    import huggingface_hub
 
     from hellofmt import foundation
 
@@ -209,10 +219,7 @@ def test_a_transport_error_from_the_metadata_request_is_offline(monkeypatch, tmp
     def never(*args, **kwargs):
         raise AssertionError("hf_hub_download must not run once the Hub is known to be unreachable")
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", refuse)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", never)
+    _fake_hub(monkeypatch, tmp_path, metadata=refuse, download=never)
     with pytest.raises(FoundationError) as e:
         foundation.load_foundation("hf-hub:someone/clip")
     assert "cannot get hf-hub:someone/clip" in str(e.value) and "ConnectError" in str(e.value)
@@ -221,7 +228,6 @@ def test_a_transport_error_from_the_metadata_request_is_offline(monkeypatch, tmp
 def test_an_http_answer_is_left_to_the_download(monkeypatch, tmp_path):
     """A Hub that answers (here: 404) is reachable: the download's own error says what is wrong."""
     import httpx2
-    import huggingface_hub
     from huggingface_hub import errors as hf_errors
 
     from hellofmt import foundation
@@ -234,10 +240,7 @@ def test_an_http_answer_is_left_to_the_download(monkeypatch, tmp_path):
     def download(*args, **kwargs):
         raise hf_errors.RepositoryNotFoundError("404 Repository Not Found", response=response)
 
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", not_found)
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    _fake_hub(monkeypatch, tmp_path, metadata=not_found, download=download)
     with pytest.raises(FoundationError) as e:
         foundation.load_foundation("hf-hub:someone/clip")
     assert "no such model repository" in str(e.value)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ import torch
 from PIL import Image
 
 from ..errors import BuildInputError
-from .inputs import SkippedImages, collate_samples, load_class_map, pil_to_square
+from .inputs import SkippedImages, StandInDataset, decode_all, load_class_map, pil_to_square
 
 __all__ = ["HF_PREFIX", "INSTALL", "HFData", "hf_source", "open_hf_data"]
 
@@ -277,54 +276,35 @@ class HFData:
     def load_all(self, indices: list[int], size: int, *, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """The given rows as one uint8 [n,3,size,size] tensor plus labels (small subsets only), decoded by
         ``num_workers`` threads; undecodable rows are replaced and recorded as :class:`HFRows` does."""
-        if not indices:
-            return torch.zeros(0, 3, size, size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
-        ds = HFRows(self, indices, size)
-        if num_workers > 0:
-            with ThreadPoolExecutor(num_workers) as pool:
-                items = list(pool.map(ds.__getitem__, range(len(ds))))
-        else:
-            items = [ds[i] for i in range(len(ds))]
-        images, labels, failed = collate_samples(items)
-        if failed:  # only with self.skipped: HFRows raises otherwise
-            self.skipped.add(failed)
-        return images, labels
+        return decode_all(HFRows(self, indices, size), num_workers=num_workers)
 
 
-class HFRows(torch.utils.data.Dataset):
+class HFRows(StandInDataset):
     """Rows ``indices`` of an :class:`HFData` as ``(uint8 [3, size, size], label, skipped)``, like
     :class:`~hellofmt.builder.inputs.FolderDataset`: with ``data.skipped`` set, an undecodable row is
     replaced by the next row of the subset (cyclically) and reported in ``skipped`` as ``(name, reason)``
     pairs for the consumer to record; without it, the failure raises BuildInputError naming the row."""
 
-    _MAX_STAND_INS = 64  # this many failures in a row is not a few bad rows but a broken set
-
     def __init__(self, data: HFData, indices: list[int], size: int):
+        super().__init__(indices, size)
         self.data = data
-        self.indices = [int(i) for i in indices]
-        self.size = size
 
     @property
     def skipped(self) -> SkippedImages | None:
         """Where the consumer records the rows that failed (the data's)."""
         return self.data.skipped
 
-    def __len__(self) -> int:
-        return len(self.indices)
+    def _decode(self, j: int) -> tuple[torch.Tensor, int]:
+        return self.data.decode(j, self.size), int(self.data.labels[j])
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, tuple[tuple[str, str], ...]]:
-        n = len(self.indices)
-        failed: list[tuple[str, str]] = []
-        for k in range(min(n, self._MAX_STAND_INS)):
-            row = self.indices[(i + k) % n]
-            try:
-                return self.data.decode(row, self.size), int(self.data.labels[row]), tuple(failed)
-            except Exception as e:  # noqa: BLE001 - PIL raises many kinds; every one means "unreadable"
-                if self.data.skipped is None:
-                    raise BuildInputError(f"cannot decode the image of row {row}: {type(e).__name__}: {e}",
-                                          file=self.data.source, field=self.data.column,
-                                          fix="re-encode or drop the bad rows") from None
-                failed.append((self.data.row_name(row), f"{type(e).__name__}: {e}"))
-        raise BuildInputError(f"{len(failed)} rows in a row failed to decode: {'; '.join(p for p, _ in failed[:5])}",
-                              file=self.data.source, field=self.data.column,
-                              fix="check the dataset (were the image bytes written?)")
+    def _name(self, j: int) -> str:
+        return self.data.row_name(j)
+
+    def _unreadable(self, j: int, e: Exception) -> BuildInputError:
+        return BuildInputError(f"cannot decode the image of row {j}: {type(e).__name__}: {e}",
+                               file=self.data.source, field=self.data.column, fix="re-encode or drop the bad rows")
+
+    def _broken(self, failed: list[tuple[str, str]]) -> BuildInputError:
+        return BuildInputError(f"{len(failed)} rows in a row failed to decode: {'; '.join(p for p, _ in failed[:5])}",
+                               file=self.data.source, field=self.data.column,
+                               fix="check the dataset (were the image bytes written?)")

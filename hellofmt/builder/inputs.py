@@ -37,6 +37,8 @@ __all__ = [
     "collate_samples",
     "load_class_map",
     "load_image",
+    "StandInDataset",
+    "decode_all",
     "FolderDataset",
     "split_holdout",
 ]
@@ -393,27 +395,40 @@ def collate_samples(items) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, 
     return images, labels, skipped
 
 
-class FolderDataset(torch.utils.data.Dataset):
-    """Samples of an :class:`ImageFolder` (or a subset of them) as ``(uint8 square of size, class index,
-    skipped)``.
+class StandInDataset(torch.utils.data.Dataset):
+    """Samples ``indices`` of a source as ``(uint8 square of size, class index, skipped)``, where a
+    sample that fails to decode is replaced by the next sample of the subset (cyclically, so the same
+    index always gives the same sample) and reported in ``skipped``, a tuple of ``(name, reason)``, for
+    the consumer to record (the DataLoader's :func:`collate_samples`, or :func:`decode_all`).
 
-    When the folder has a :class:`SkippedImages` (``folder.skipped``), an image that fails to decode is
-    replaced by the next sample of the subset (cyclically, so the same index always gives the same sample)
-    and reported in ``skipped``, a tuple of ``(path, reason)``, for the consumer to record; without one, it
-    raises BuildInputError naming the file.
+    Without a :class:`SkippedImages` (``skipped`` is None) a failure raises :meth:`_unreadable`'s error;
+    :data:`_MAX_STAND_INS` failures in a row raise :meth:`_broken`'s. A source gives :meth:`_decode`,
+    :meth:`_name`, those two errors and the ``skipped`` property (:class:`FolderDataset`,
+    :class:`hellofmt.builder.hfdata.HFRows`).
     """
 
-    _MAX_STAND_INS = 64  # this many failures in a row is not a few bad files but a broken set
+    _MAX_STAND_INS = 64  # this many failures in a row is not a few bad samples but a broken set
 
-    def __init__(self, folder: ImageFolder, size: int, indices: list[int] | None = None):
-        self.folder = folder
+    def __init__(self, indices: list[int], size: int):
+        self.indices = [int(i) for i in indices]
         self.size = size
-        self.indices = list(range(len(folder.samples))) if indices is None else list(indices)
 
     @property
     def skipped(self) -> SkippedImages | None:
-        """Where the consumer records the images that failed (the folder's)."""
-        return self.folder.skipped
+        raise NotImplementedError
+
+    def _decode(self, j: int) -> tuple[torch.Tensor, int]:
+        """Sample ``j`` of the source (not a position in ``indices``) as (uint8 square, label)."""
+        raise NotImplementedError
+
+    def _name(self, j: int) -> str:
+        raise NotImplementedError
+
+    def _unreadable(self, j: int, e: Exception) -> BuildInputError:
+        raise NotImplementedError
+
+    def _broken(self, failed: list[tuple[str, str]]) -> BuildInputError:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -422,15 +437,60 @@ class FolderDataset(torch.utils.data.Dataset):
         n = len(self.indices)
         failed: list[tuple[str, str]] = []
         for k in range(min(n, self._MAX_STAND_INS)):
-            path, label = self.folder.samples[self.indices[(i + k) % n]]
+            j = self.indices[(i + k) % n]
             try:
-                return load_image(path, self.size), label, tuple(failed)
-            except Exception as e:  # noqa: BLE001 - the scan read headers only; PIL raises many kinds
-                if self.folder.skipped is None:
-                    raise BuildInputError(f"cannot decode image: {e}", file=path,
-                                          fix="delete or re-encode it") from None
-                failed.append((path, f"{type(e).__name__}: {e}"))
-        raise BuildInputError(
+                image, label = self._decode(j)
+                return image, label, tuple(failed)
+            except Exception as e:  # noqa: BLE001 - headers were checked only; PIL raises many kinds
+                if self.skipped is None:
+                    raise self._unreadable(j, e) from None
+                failed.append((self._name(j), f"{type(e).__name__}: {e}"))
+        raise self._broken(failed)
+
+
+def decode_all(ds: StandInDataset, *, num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample of ``ds`` in one uint8 [n,3,size,size] tensor plus labels (small subsets only),
+    decoded by ``num_workers`` threads (PIL releases the GIL); the failures replaced are recorded in
+    ``ds.skipped``."""
+    if not len(ds):
+        return torch.zeros(0, 3, ds.size, ds.size, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    if num_workers > 0:
+        with ThreadPoolExecutor(num_workers) as pool:
+            items = list(pool.map(ds.__getitem__, range(len(ds))))
+    else:
+        items = [ds[i] for i in range(len(ds))]
+    images, labels, failed = collate_samples(items)
+    if failed:  # only with a SkippedImages: the dataset raises otherwise
+        ds.skipped.add(failed)
+    return images, labels
+
+
+class FolderDataset(StandInDataset):
+    """Samples of an :class:`ImageFolder` (or a subset of them) as ``(uint8 square of size, class index,
+    skipped)``; with ``folder.skipped`` set, an image that fails to decode is replaced and reported as
+    :class:`StandInDataset` says, and without it raises BuildInputError naming the file."""
+
+    def __init__(self, folder: ImageFolder, size: int, indices: list[int] | None = None):
+        super().__init__(list(range(len(folder.samples))) if indices is None else indices, size)
+        self.folder = folder
+
+    @property
+    def skipped(self) -> SkippedImages | None:
+        """Where the consumer records the images that failed (the folder's)."""
+        return self.folder.skipped
+
+    def _decode(self, j: int) -> tuple[torch.Tensor, int]:
+        path, label = self.folder.samples[j]
+        return load_image(path, self.size), label
+
+    def _name(self, j: int) -> str:
+        return self.folder.samples[j][0]
+
+    def _unreadable(self, j: int, e: Exception) -> BuildInputError:
+        return BuildInputError(f"cannot decode image: {e}", file=self._name(j), fix="delete or re-encode it")
+
+    def _broken(self, failed: list[tuple[str, str]]) -> BuildInputError:
+        return BuildInputError(
             f"{len(failed)} images in a row failed to decode: {'; '.join(p for p, _ in failed[:5])}",
             file=failed[0][0], field="--train-data", fix="check the folder (a failing disk, a half-copied tree?)",
         )
@@ -502,16 +562,7 @@ def load_all(
         if imgs.shape[-1] != size or imgs.shape[-2] != size:
             imgs = _resize_uint8(imgs, size)
         return imgs.contiguous(), data.labels[indices].clone()
-    ds = FolderDataset(data, size, indices)
-    if num_workers > 0:
-        with ThreadPoolExecutor(num_workers) as pool:
-            items = list(pool.map(ds.__getitem__, range(len(ds))))
-    else:
-        items = [ds[i] for i in range(len(ds))]
-    images, labels, failed = collate_samples(items)
-    if failed:  # only with data.skipped: FolderDataset raises otherwise
-        data.skipped.add(failed)
-    return images, labels
+    return decode_all(FolderDataset(data, size, indices), num_workers=num_workers)
 
 
 def _resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
