@@ -171,26 +171,20 @@ def _shard_comm_device(device: torch.device) -> torch.device | None:
     return None
 
 
-def _error_payload(error: BaseException) -> bytes:
-    import json
-
+def _error_info(error: BaseException) -> dict:
+    """What another rank needs to raise ``error`` again (a JSON object)."""
     from .errors import HellofmtError
 
     if isinstance(error, HellofmtError):
-        info = {"type": type(error).__name__, "message": error.message, "file": error.file, "field": error.field,
+        return {"type": type(error).__name__, "message": error.message, "file": error.file, "field": error.field,
                 "fix": error.fix}
-    else:
-        info = {"type": type(error).__name__, "message": str(error)}
-    return json.dumps(info).encode()
+    return {"type": type(error).__name__, "message": str(error)}
 
 
-def _remote_error(payload: bytes, rank: int, source: str) -> Exception:
-    """The error another rank raised, rebuilt from :func:`_error_payload` (JSON, nothing unpickled)."""
-    import json
-
+def _remote_error(info: dict, rank: int, source: str) -> Exception:
+    """The error another rank raised, rebuilt from :func:`_error_info` (JSON, nothing unpickled)."""
     from . import errors
 
-    info = json.loads(payload.decode())
     cls = getattr(errors, str(info.get("type")), None)
     if isinstance(cls, type) and issubclass(cls, errors.HellofmtError):
         return cls(f"[rank {rank}] {info.get('message')}", file=info.get("file"), field=info.get("field"),
@@ -204,6 +198,8 @@ def _remote_error(payload: bytes, rank: int, source: str) -> Exception:
 def _agree(error: BaseException | None, comm: torch.device, source: str) -> None:
     """Collective: return when no rank failed; otherwise raise on every rank. A rank that failed
     raises its own error, the others the first failed rank's (same class, file, field and fix)."""
+    from . import collective
+
     dist = torch.distributed
     world = dist.get_world_size()
     flags = torch.zeros(world, dtype=torch.int64, device=comm)
@@ -212,16 +208,10 @@ def _agree(error: BaseException | None, comm: torch.device, source: str) -> None
     if not failed:
         return
     src = failed[0]
-    payload = _error_payload(error) if dist.get_rank() == src else b""
-    size = torch.tensor([len(payload)], dtype=torch.int64, device=comm)
-    dist.broadcast(size, src)
-    buf = torch.zeros(int(size.item()), dtype=torch.uint8, device=comm)
-    if payload:
-        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
-    dist.broadcast(buf, src)
+    info = collective.broadcast_json(_error_info(error) if dist.get_rank() == src else None, src, comm)
     if error is not None:
         raise error
-    raise _remote_error(bytes(buf.cpu().tolist()), src, source)
+    raise _remote_error(info, src, source)
 
 
 def _gather_shares(whole: torch.Tensor, share: torch.Tensor, per: int, comm: torch.device) -> None:

@@ -9,7 +9,6 @@ refinement by chunk) comes back together through :func:`all_gather_blocks`.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .. import collective
 
 __all__ = ["World", "all_gather_blocks", "all_gather_json", "broadcast_json", "init_world"]
 
@@ -110,35 +111,16 @@ def all_gather_blocks(
 
 
 def broadcast_json(world: World, obj=None):
-    """Rank 0's ``obj`` (a JSON value) on every rank; ``obj`` is ignored elsewhere.
-
-    Sent as UTF-8 JSON bytes in a uint8 tensor, not with ``broadcast_object_list``, which pickles: nothing
-    is unpickled anywhere in hellofmt, not even from a peer process."""
+    """Rank 0's ``obj`` (a JSON value) on every rank; ``obj`` is ignored elsewhere
+    (:func:`hellofmt.collective.broadcast_json`: JSON bytes, nothing pickled)."""
     if world.size <= 1:
         return obj
-    dev = world.device
-    data = json.dumps(obj).encode() if world.is_main else b""
-    n = torch.tensor([len(data)], dtype=torch.int64, device=dev)
-    dist.broadcast(n, 0)
-    if world.is_main:
-        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
-    else:
-        buf = torch.empty(int(n.item()), dtype=torch.uint8, device=dev)
-    dist.broadcast(buf, 0)
-    return json.loads(buf.cpu().numpy().tobytes()) if not world.is_main else obj
+    return collective.broadcast_json(obj, 0, world.device)
 
 
 def all_gather_json(world: World, obj) -> list:
-    """Every rank's ``obj`` (a JSON value), in rank order, on every rank (as :func:`broadcast_json`, no pickle)."""
+    """Every rank's ``obj`` (a JSON value), in rank order, on every rank
+    (:func:`hellofmt.collective.all_gather_json`: JSON bytes, nothing pickled)."""
     if world.size <= 1:
         return [obj]
-    dev = world.device
-    data = json.dumps(obj).encode()
-    sizes = [torch.zeros(1, dtype=torch.int64, device=dev) for _ in range(world.size)]
-    dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64, device=dev))
-    longest = max(int(s.item()) for s in sizes)
-    mine = torch.zeros(longest, dtype=torch.uint8, device=dev)
-    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev)
-    bufs = [torch.empty(longest, dtype=torch.uint8, device=dev) for _ in range(world.size)]
-    dist.all_gather(bufs, mine)
-    return [json.loads(b[: int(s.item())].cpu().numpy().tobytes()) for b, s in zip(bufs, sizes)]
+    return collective.all_gather_json(obj, world.device)
