@@ -153,7 +153,7 @@ WORKER_PY = textwrap.dedent(
     tensors["refined"], stats["refine"] = ref, st
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"w{world.size}-r{world.rank}.safetensors"),
               metadata={"stats": json.dumps(stats)})
-    world.close()
+    world.close(sync=True)
     '''
 )
 

@@ -76,6 +76,7 @@ WORKER = textwrap.dedent(
         save_file(tensors, f"{out}/{name}-rank{rank}.safetensors")
     with open(f"{out}/report-rank{rank}.json", "w") as f:
         json.dump(report, f)
+    dist.barrier()  # no rank tears down gloo while a peer's last transfer is in flight
     dist.destroy_process_group()
     """
 )

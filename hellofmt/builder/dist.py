@@ -41,7 +41,13 @@ class World:
             else:
                 dist.barrier()
 
-    def close(self) -> None:
+    def close(self, *, sync: bool = False) -> None:
+        """Leave the process group if this world created it. ``sync`` (the success path only): a
+        barrier first, so that no rank tears down its connections while a peer still has a transfer
+        in flight (gloo then aborts the peer: "terminate called without an active exception"). A
+        failing rank closes without it; torchrun stops the others."""
+        if sync and self.owns_group and dist.is_initialized():
+            self.barrier()
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
             self.owns_group = False

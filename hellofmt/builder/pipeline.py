@@ -386,6 +386,7 @@ def build_bundle(
                                         checkpoint_every=max(1, c.checkpoint_every // 2) if c.checkpoint_every else 0)
                 metrics.update({k.replace("refine_", "refine."): v for k, v in st.items()})
         if not world.is_main:  # fidelity and writing are rank 0's
+            world.close(sync=True)  # waits for rank 0 to write the bundle
             return BuildResult(path=None, metrics=metrics, timings=timings, summary=None, warnings=[])
         syn = syn.to(dev)
         syn_labels = syn_labels.to(dev)
@@ -464,6 +465,7 @@ def build_bundle(
         summary = format_summary(summarize(bundle), show_warnings=False)  # the caller shows `warnings`
         if not c.keep_checkpoints and store.enabled:
             shutil.rmtree(store.dir, ignore_errors=True)
+        world.close(sync=True)
         return BuildResult(path=path, metrics=metrics, timings=timings, summary=summary, warnings=warnings)
     finally:
         world.close()
