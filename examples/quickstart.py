@@ -1,6 +1,6 @@
 """hellofmt quickstart: build a distilled dataset, then judge it by the students it trains.
 
-Runs on a CPU in about 5 minutes (2 idle cores), offline, with nothing downloaded:
+Runs on a CPU in about 9 minutes (2 idle cores), offline, with nothing downloaded:
 
 1. makes a small procedural image-folder dataset (8 classes: 2 shapes x 4 textures, random colours,
    sizes, positions and noise, 32 px) in a temporary folder;
@@ -171,7 +171,7 @@ def main() -> None:
 
     print(f"hellofmt quickstart: make a procedural dataset, train a teacher, build a bundle with the default "
           f"options, then train {4 * args.seeds} students (4 arms x {args.seeds} seeds) with hellofmt eval; about "
-          f"5 minutes on an idle 2-core CPU, offline.", flush=True)
+          f"9 minutes on an idle 2-core CPU, offline.", flush=True)
     times: dict[str, float] = {}
     work = args.keep or Path(tempfile.mkdtemp(prefix="hellofmt-quickstart-"))
     work.mkdir(parents=True, exist_ok=True)

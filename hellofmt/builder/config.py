@@ -138,8 +138,9 @@ class BuildConfig:
         None, "Area range of the label recipe's random resized crops: distillation views, refinement, fidelity "
         "and the loader's default (default: 0.25 1 below 128 px, 0.08 1 from 128 px).", metavar="MIN MAX")
     min_steps: int = option(
-        3000, "Floor on the distillation steps that --epochs gives: a small training set still gets enough "
-        "steps (10 epochs of 1,300 images are 190 steps, far too few). 0: --epochs alone.")
+        6000, "Floor on the distillation steps that --epochs gives: a small training set still gets enough "
+        "steps (10 epochs of 1,300 images are 190 steps, far too few; 6000: chosen by students, "
+        "benchmarks/README.md). 0: --epochs alone.")
     refine_steps: int = option(0, "Image refinement steps, per block of --refine-chunk images (0: off).",
                                resume=True)
     refine_lr: float = option(0.01, "Learning rate of the image refinement (Adam).")
