@@ -703,7 +703,7 @@ def evaluate(
                 Path(json_path).write_text(text + "\n", encoding="utf-8")
             if record:
                 _write_manifest_atomically(Path(ds.path), result.to_evaluation())
-        world.close(sync=True)
+        world.barrier()
         return result
     finally:
         world.close()

@@ -46,11 +46,12 @@ class World:
         barrier first, so that no rank tears down its connections while a peer still has a transfer
         in flight (gloo then aborts the peer: "terminate called without an active exception"). A
         failing rank closes without it; torchrun stops the others."""
-        if sync and self.owns_group and dist.is_initialized():
+        if not (self.owns_group and dist.is_initialized()):
+            return
+        if sync:
             self.barrier()
-        if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self.owns_group = False
+        dist.destroy_process_group()
+        self.owns_group = False
 
 
 def init_world(device: str | torch.device | None = None) -> World:
