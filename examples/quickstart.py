@@ -53,29 +53,35 @@ def make_image(shape: int, texture: int, rng: np.random.Generator) -> np.ndarray
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     cx, cy = rng.uniform(11, 21, 2)
     r = rng.uniform(7, 11)
-    dx, dy = xx - cx, yy - cy
-    if SHAPES[shape] == "disk":
-        mask = dx**2 + dy**2 <= r**2
-    else:
-        a = rng.uniform(0, np.pi)  # a wide bar at any angle
-        u, v = dx * np.cos(a) + dy * np.sin(a), -dx * np.sin(a) + dy * np.cos(a)
-        mask = (np.abs(u) <= r * 1.3) & (np.abs(v) <= r * 0.45)
+    mask = shape_mask(shape, xx - cx, yy - cy, r, rng)
     period = rng.uniform(3.5, 6.0)
-    ph = rng.uniform(0, period, 2)
-    kind = TEXTURES[texture]
-    if kind == "horizontal":
-        on = ((yy + ph[0]) % period) < period / 2
-    elif kind == "vertical":
-        on = ((xx + ph[0]) % period) < period / 2
-    elif kind == "diagonal":
-        on = ((xx + yy + ph[0]) % period) < period / 2
-    else:
-        on = (((xx + ph[0]) % period) < period / 2) ^ (((yy + ph[1]) % period) < period / 2)
+    on = texture_mask(texture, xx, yy, period, rng.uniform(0, period, 2))
     fg1, bg = rng.uniform(0, 1, (2, 3))
     fg2 = 1.0 - fg1  # complementary, so the texture always shows
     img = np.where(mask[..., None], np.where(on[..., None], fg1, fg2), bg)
     img = img + rng.normal(0, 0.1, img.shape)  # sensor noise
     return (img.clip(0, 1) * 255).astype(np.uint8)
+
+
+def shape_mask(shape: int, dx: np.ndarray, dy: np.ndarray, r: float, rng: np.random.Generator) -> np.ndarray:
+    """Where the shape is, given each pixel's offset from its centre (``dx``, ``dy``) and its radius."""
+    if SHAPES[shape] == "disk":
+        return dx**2 + dy**2 <= r**2
+    a = rng.uniform(0, np.pi)  # a wide bar at any angle
+    u, v = dx * np.cos(a) + dy * np.sin(a), -dx * np.sin(a) + dy * np.cos(a)
+    return (np.abs(u) <= r * 1.3) & (np.abs(v) <= r * 0.45)
+
+
+def texture_mask(texture: int, xx: np.ndarray, yy: np.ndarray, period: float, ph: np.ndarray) -> np.ndarray:
+    """The texture's "on" pixels: stripes (or a checker) of ``period`` pixels with phases ``ph``."""
+    kind = TEXTURES[texture]
+    if kind == "horizontal":
+        return ((yy + ph[0]) % period) < period / 2
+    if kind == "vertical":
+        return ((xx + ph[0]) % period) < period / 2
+    if kind == "diagonal":
+        return ((xx + yy + ph[0]) % period) < period / 2
+    return (((xx + ph[0]) % period) < period / 2) ^ (((yy + ph[1]) % period) < period / 2)
 
 
 def classes() -> list[tuple[str, int, int]]:

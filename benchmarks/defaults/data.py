@@ -3,8 +3,12 @@
 - ``shapes32``: the quickstart's procedural set (8 classes: 2 shapes x 4 textures, 32 px);
 - ``digits32``: scikit-learn's bundled handwritten digits (10 classes, 1,797 real 8x8 scans,
   upsampled to 32 px; ``pip install scikit-learn``), split 1,300 train / 497 test;
+- ``shapes64``: the quickstart's 8 classes drawn at 64 px with a finer texture (period 5-9 px against
+  a shape of radius 14-22 px, where the 32-px set has 3.5-6 px against 7-11) and two clutter blobs:
+  the larger-image set, with detail that a 32-px copy loses. Its foundation is the tiny ViT at 64 px
+  (``tiny-vit-64.json`` beside this file: patch 16, the same 16 tokens as the 32-px one);
 - ``textures96``: a procedural set of larger images (10 classes: 5 textures x 2 shapes, 96 px, with
-  clutter, varying scale and position), for the large-image side of the resolution rule.
+  clutter, varying scale and position); its teacher reached only 38%, so it is not used for defaults.
 
 Each is written as an image-folder tree (``train/``, ``test/``) under a cache folder, with a small
 CNN teacher (``teacher.safetensors`` + ``teacher.py:make``) trained on it.
@@ -12,6 +16,7 @@ CNN teacher (``teacher.safetensors`` + ``teacher.py:make``) trained on it.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 from pathlib import Path
@@ -23,9 +28,12 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_FOUNDATION = str(ROOT / "tests" / "data" / "hf-test-tiny-vit.json")
-DATASETS = ("shapes32", "digits32", "textures96")
+TINY_FOUNDATION_64 = str(Path(__file__).resolve().parent / "tiny-vit-64.json")
+DATASETS = ("shapes32", "digits32", "shapes64", "textures96")
+FOUNDATIONS = {"shapes64": TINY_FOUNDATION_64}  # the others: TINY_FOUNDATION (32 px)
 
 
+@functools.cache
 def _quickstart():
     spec = importlib.util.spec_from_file_location("hellofmt_quickstart", ROOT / "examples" / "quickstart.py")
     mod = importlib.util.module_from_spec(spec)
@@ -54,6 +62,38 @@ def _digits(root: Path) -> None:
     names = [f"digit_{i}" for i in range(10)]
     _save(root, "train", x[train], y[train], names)
     _save(root, "test", x[test], y[test], names)
+
+
+def make_image64(shape: int, texture: int, rng) -> np.ndarray:
+    """The quickstart's textured disk or bar (``examples/quickstart.py``: make_image) at 64 px, with a
+    finer texture relative to the shape and two soft clutter blobs behind it."""
+    qs = _quickstart()
+    s = 64
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+    img = np.tile(rng.uniform(0, 1, 3), (s, s, 1))
+    for _ in range(2):
+        bx, by, br = rng.uniform(0, s), rng.uniform(0, s), rng.uniform(4, 10)
+        img[((xx - bx) ** 2 + (yy - by) ** 2) < br * br] = rng.uniform(0, 1, 3)
+    cx, cy = rng.uniform(22, 42, 2)
+    r = rng.uniform(14, 22)
+    mask = qs.shape_mask(shape, xx - cx, yy - cy, r, rng)
+    period = rng.uniform(5.0, 9.0)
+    on = qs.texture_mask(texture, xx, yy, period, rng.uniform(0, period, 2))
+    fg1 = rng.uniform(0, 1, 3)
+    img = np.where(mask[..., None], np.where(on[..., None], fg1, 1.0 - fg1), img)
+    img = img + rng.normal(0, 0.1, img.shape)
+    return (img.clip(0, 1) * 255).astype(np.uint8)
+
+
+def _shapes64(root: Path, per_class: int = 150, test_per_class: int = 50) -> None:
+    qs = _quickstart()
+    for split, n, seed in (("train", per_class, 0), ("test", test_per_class, 1)):
+        rng = np.random.default_rng(seed)
+        for name, sh, tx in qs.classes():
+            d = root / split / name.replace(" ", "_")
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(n):
+                Image.fromarray(make_image64(sh, tx, rng)).save(d / f"{k:04d}.png")
 
 
 TEX96 = ("stripes", "checker", "dots", "rings", "noise")
@@ -188,6 +228,8 @@ def prepare(name: str, cache: Path, *, teacher_epochs: int = 40, device: str = "
             qs.make_dataset(root / "test", 50, seed=1)
         elif name == "digits32":
             _digits(root)
+        elif name == "shapes64":
+            _shapes64(root)
         elif name == "textures96":
             _textures96(root)
         else:
@@ -211,4 +253,4 @@ def prepare(name: str, cache: Path, *, teacher_epochs: int = 40, device: str = "
     acc = accuracy(teacher, test_x, test_y)
     return {"root": root, "train": root / "train", "test": root / "test", "teacher_spec": f"{root / 'teacher.py'}:make",
             "teacher": teacher, "teacher_acc": acc, "test_x": test_x, "test_y": test_y, "names": names,
-            "size": int(test_x.shape[-1])}
+            "size": int(test_x.shape[-1]), "foundation": FOUNDATIONS.get(name, TINY_FOUNDATION)}

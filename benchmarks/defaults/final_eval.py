@@ -44,7 +44,7 @@ def main() -> None:
             t0 = time.perf_counter()
             if not (out / "hellofmt.json").is_file():
                 subprocess.run(["hellofmt", "build", "--train-data", str(info["train"]), "--teacher",
-                                info["teacher_spec"], "--foundation", bdata.TINY_FOUNDATION, "--ipc", str(args.ipc),
+                                info["teacher_spec"], "--foundation", info["foundation"], "--ipc", str(args.ipc),
                                 "--out", str(out), "--device", args.device, "--overwrite", "--quiet", *extra],
                                check=True)
             res[f"{tag}_build_s"] = round(time.perf_counter() - t0, 1)

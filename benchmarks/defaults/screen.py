@@ -47,7 +47,7 @@ def screen(info: dict, name: str, overrides: dict, device: str) -> dict:
     teacher, _ = load_teachers([info["teacher_spec"]], num_classes=len(folder.names), probe=tx[:16].float() / 255,
                                device=dev)
     torch.manual_seed(c.seed)
-    fnd = load_foundation(bdata.TINY_FOUNDATION, device=dev)
+    fnd = load_foundation(info["foundation"], device=dev)
     proj = Projector(fnd, list(folder.names), list(c.templates or DEFAULT_TEMPLATES)).to(dev)
     proj.attach_deltas(rank=c.rank, alpha=c.alpha, targets=list(c.targets) if c.targets else None,
                        head_rank=c.head_rank, head_alpha=c.head_alpha, generator=torch.Generator().manual_seed(c.seed))

@@ -122,11 +122,13 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
     from hellofmt.dataset import DistilledDataset
 
     opts = {"ipc": args.ipc, "device": args.device, "seed": 0, **overrides}
-    key = hashlib.sha1(json.dumps([args.dataset, opts], sort_keys=True).encode()).hexdigest()[:10]
+    fnd = args.foundation or info["foundation"]
+    key = hashlib.sha1(json.dumps([args.dataset, opts] + ([fnd] if args.foundation else []),
+                                  sort_keys=True).encode()).hexdigest()[:10]
     out = Path(args.cache) / "bundles" / f"{args.dataset}-{name}-{key}"
     t0 = time.perf_counter()
     if not (out / "hellofmt.json").is_file():
-        build_bundle(str(info["train"]), info["teacher_spec"], bdata.TINY_FOUNDATION, out, overwrite=True,
+        build_bundle(str(info["train"]), info["teacher_spec"], fnd, out, overwrite=True,
                      progress=not args.quiet, **opts)
     build_s = time.perf_counter() - t0
     ds = DistilledDataset(str(out), device=args.device)
@@ -147,6 +149,7 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
                                size=info["size"])
             arms[arm].append(accuracy(st, info["test_x"], info["test_y"], args.device))
     res = {"dataset": args.dataset, "config": name, "overrides": overrides, "ipc": args.ipc,
+           "foundation": Path(fnd).name, "image_size": int(ds.images.shape[-1]),
            "teacher_acc": info["teacher_acc"], "build_s": round(build_s, 1),
            "agreement_heldout": m.get("fidelity.heldout.top1_agreement"),
            "distill_steps": m.get("distill.steps"), "init_teacher_top1": m.get("images.init_teacher_top1"),
@@ -161,6 +164,7 @@ def main() -> None:
     ap.add_argument("--dataset", required=True, choices=bdata.DATASETS)
     ap.add_argument("--config", action="append", default=[], help="a name from CONFIGS, or NAME=JSON overrides")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--foundation", help="the foundation spec (default: the dataset's tiny ViT, data.FOUNDATIONS)")
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=50)
