@@ -163,6 +163,47 @@ def test_images_from_folder(env):
     assert m.projector.head is None  # --head-rank 0: no head delta
 
 
+def test_default_image_size_follows_small_source_images(tmp_path):
+    """Images smaller than the foundation's input are kept at their own side (not upsampled), and
+    the size-dependent defaults follow that side; --image-size still wins."""
+    from hellofmt.bundle import Bundle
+
+    env = {"data": _write_data(tmp_path / "train", size=20), "teacher": None, "tmp": tmp_path}
+    (tmp_path / "teacher.py").write_text(TEACHER_PY)
+    env["teacher"] = f"{tmp_path / 'teacher.py'}:make"
+    m = Bundle.open(_build(env, factor=None).path).manifest
+    assert (m.images.height, m.images.width) == (20, 20)
+    args = m.provenance.build_args
+    assert args["image_size"] is None and args["factor"] == 1  # as given, and as resolved for 20 px
+    m = Bundle.open(_build(env, out_name="b2", image_size=32).path).manifest
+    assert (m.images.height, m.images.width) == (32, 32)
+
+
+def test_default_image_size_rule():
+    from hellofmt.builder.config import default_image_size
+
+    assert default_image_size(224, 32) == 32  # a CIFAR-sized set under a 224-px foundation: 32 px
+    assert default_image_size(224, 375) == 224  # ImageNet-sized: the foundation's side
+    assert default_image_size(224, None) == 224  # nothing read: the foundation's side
+    assert default_image_size(32, 4) == 8  # never below --image-size's floor
+
+
+def test_source_side_reads_headers_and_takes_the_median(tmp_path):
+    from hellofmt.builder.inputs import TensorData, scan_image_folder, source_side
+
+    root = tmp_path / "src"
+    for i, (w, h) in enumerate([(40, 30), (64, 64), (100, 50), (20, 90)]):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (w, h)).save(root / f"c{i % 2}" / f"{i}.png")
+    folder = scan_image_folder(str(root))
+    (root / "broken.png").write_bytes(b"not an image")
+    folder.samples.append((str(root / "broken.png"), 0))  # left out, not raised: the decode reports it
+    assert source_side(folder, list(range(len(folder.samples)))) == 30  # short sides 20, 30, 50, 64
+    assert source_side(folder, [len(folder.samples) - 1]) is None
+    assert source_side(TensorData(torch.zeros(2, 3, 24, 28, dtype=torch.uint8), torch.tensor([0, 1]), ["a", "b"]),
+                       [0]) == 24
+
+
 # --------------------------------------------------------------------------------------------------
 # resume
 # --------------------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def test_sources_are_told_apart(saved, tmp_path):
 
 def test_open_reads_labels_and_decodes_like_an_image_folder(saved, tmp_path):
     from hellofmt.builder.hfdata import open_hf_data
-    from hellofmt.builder.inputs import data_labels, dataset_for, load_all, load_image
+    from hellofmt.builder.inputs import data_labels, dataset_for, load_all, load_image, source_side
 
     data = open_hf_data(str(saved))
     assert data.names == CLASSES and data.num_classes == 3 and len(data) == 15
@@ -151,6 +151,8 @@ def test_open_reads_labels_and_decodes_like_an_image_folder(saved, tmp_path):
     assert torch.equal(img, load_image(str(tmp_path / "12.png"), 24))
     imgs, labels = load_all(data, [0, 5, 10], 16, num_workers=2)
     assert imgs.shape == (3, 3, 16, 16) and labels.tolist() == [0, 1, 2]
+    # the stored size, from the header (the default --image-size reads it)
+    assert data.native_size(3) == (40, 32) and source_side(data, [0, 5, 10]) == 32
 
 
 def test_rows_load_in_dataloader_workers(saved):

@@ -34,11 +34,25 @@ from ..errors import BuildInputError, HellofmtError
 from ..manifest import CODECS, DELTA_ENCODINGS, MIX_MODES
 
 __all__ = ["LOSSES", "SELECTIONS", "RESUME_FIELDS", "BuildConfig", "auto_num_workers", "bad_image_limit",
-           "click_options", "option", "option_name"]
+           "click_options", "default_image_size", "option", "option_name"]
 
 LOSSES = ("kl", "mse")
 SELECTIONS = ("confidence", "kmeans", "random")
 LARGE_IMAGE = 128  # px: from this side on, the ImageNet-style defaults apply (see BuildConfig.resolved)
+MIN_IMAGE_SIZE = 8  # px: the smallest --image-size
+
+
+def default_image_size(foundation_side: int, source_side: int | None) -> int:
+    """The synthetic image side when ``--image-size`` is not given: the foundation's input side, or the
+    source images' (their median short side, :func:`~hellofmt.builder.inputs.source_side`) when those are
+    smaller. A 32-px set stays at 32 px under a 224-px foundation (the projector resamples each view to
+    its input size), as RDED keeps CIFAR at 32 px: 49x fewer stored pixels than upsampled copies, and
+    students that train and validate at the data's own resolution."""
+    if source_side is None:
+        return int(foundation_side)
+    return max(MIN_IMAGE_SIZE, min(int(foundation_side), int(source_side)))
+
+
 AUTO_WORKERS_MIN_IMAGES = 256  # below this many training images, --num-workers defaults to 0 (see auto_num_workers)
 AUTO_WORKERS_MAX = 16
 DEFAULT_BAD_FRACTION = 0.001  # --max-bad-images default: 0.1% of the training images ...
@@ -111,8 +125,9 @@ class BuildConfig:
         "build_args (0.2.0) means --mix.",
         choices=MIX_MODES)
     # -- images ------------------------------------------------------------------------------------
-    image_size: int | None = option(None, "Synthetic image side (default: the foundation's input size).",
-                                    resume=True)
+    image_size: int | None = option(
+        None, "Synthetic image side (default: the foundation's input size, or the training images' median "
+        "short side when that is smaller).", resume=True)
     load_size: int | None = option(None, "Side original images are loaded at (default: 8/7 of --image-size).")
     factor: int | None = option(
         None, "Patches per side stitched into each image (default: 1 below 128 px, 2 from 128 px).", resume=True)
@@ -237,8 +252,8 @@ class BuildConfig:
             bad("--steps", "expected an integer >= 1")
         if self.batch_size < 1:
             bad("--batch-size", "expected an integer >= 1")
-        if self.image_size is not None and self.image_size < 8:
-            bad("--image-size", "expected an integer >= 8")
+        if self.image_size is not None and self.image_size < MIN_IMAGE_SIZE:
+            bad("--image-size", f"expected an integer >= {MIN_IMAGE_SIZE}")
         if self.load_size is not None and self.load_size < 1:
             bad("--load-size", "expected an integer >= 1")
         if not self.lr > 0:

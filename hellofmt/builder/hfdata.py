@@ -215,21 +215,28 @@ def _class_names(keys: list[str], classes: Any, where: str) -> list[str]:
     return names
 
 
-def _decode(cell: Any, size: int) -> torch.Tensor:
-    """One image cell (``{"bytes", "path"}``, bytes, or a PIL image) -> uint8 [3, size, size]."""
+def _open(cell: Any) -> Image.Image:
+    """One image cell (``{"bytes", "path"}``, bytes, or a PIL image) opened lazily with PIL (only the
+    header is read until the pixels are asked for)."""
     if isinstance(cell, Image.Image):
-        return pil_to_square(cell, size)
+        return cell
     if isinstance(cell, dict):
         data, path = cell.get("bytes"), cell.get("path")
         if data is None:
             if not path:
                 raise ValueError("empty image cell")
-            with Image.open(path) as im:
-                return pil_to_square(im, size)
+            return Image.open(path)
         cell = data
     if not isinstance(cell, (bytes, bytearray, memoryview)):
         raise ValueError(f"not an image: {type(cell).__name__}")
-    with Image.open(io.BytesIO(cell)) as im:
+    return Image.open(io.BytesIO(cell))
+
+
+def _decode(cell: Any, size: int) -> torch.Tensor:
+    """One image cell (see :func:`_open`) -> uint8 [3, size, size]."""
+    if isinstance(cell, Image.Image):
+        return pil_to_square(cell, size)
+    with _open(cell) as im:
         return pil_to_square(im, size)
 
 
@@ -268,6 +275,14 @@ class HFData:
     def decode(self, row: int, size: int) -> torch.Tensor:
         """Row ``row``'s image as uint8 [3, size, size]; raises whatever the decoder raises."""
         return _decode(self.table[int(row)][self.column], size)
+
+    def native_size(self, row: int) -> tuple[int, int]:
+        """Row ``row``'s image (width, height) as stored, from its header."""
+        cell = self.table[int(row)][self.column]
+        if isinstance(cell, Image.Image):
+            return cell.size
+        with _open(cell) as im:
+            return im.size
 
     def dataset_for(self, indices: list[int], size: int) -> torch.utils.data.Dataset:
         """A map-style dataset of ``(uint8 square, label, skipped)`` over the given rows."""

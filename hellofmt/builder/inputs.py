@@ -18,9 +18,11 @@ import csv
 import json
 import math
 import os
+import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -41,6 +43,7 @@ __all__ = [
     "decode_all",
     "FolderDataset",
     "split_holdout",
+    "source_side",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff", ".gif")
@@ -352,6 +355,26 @@ def _stored_index(store, root: Path) -> dict | None:
 # at most _REDUCING_GAP times the target remains. Only the centre square is resampled.
 _DRAFT_MARGIN = 2
 _REDUCING_GAP = 3.0
+
+
+def source_side(data: Any, indices: list[int]) -> int | None:
+    """The median short side, in pixels, of the source images at ``indices`` as stored (read from their
+    headers; the caller passes a small sample), or None when none of them reads. In-memory data: its
+    tensor's side. An image that does not read is left out here and reported where it is decoded."""
+    if isinstance(data, TensorData):
+        return int(min(data.images.shape[-2:]))
+    sides = []
+    for i in indices:
+        try:
+            if hasattr(data, "native_size"):  # hfdata.HFData
+                w, h = data.native_size(i)
+            else:
+                with Image.open(data.samples[i][0]) as im:
+                    w, h = im.size
+        except Exception:  # noqa: BLE001 - PIL raises many kinds; the decode reports them
+            continue
+        sides.append(min(w, h))
+    return int(statistics.median_low(sides)) if sides else None
 
 
 def load_image(path: str, size: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import BuildError, BuildInputError
 from ..manifest import Head, LabelRecipe, Manifest, Provenance
 from .checkpoint import CheckpointStore
-from .config import RESUME_FIELDS, BuildConfig, auto_num_workers, bad_image_limit
+from .config import RESUME_FIELDS, BuildConfig, auto_num_workers, bad_image_limit, default_image_size
 from .dist import init_world
 from .distill import DistillConfig, distill_projector
 from .hfdata import HFData, hf_source, open_hf_data
@@ -41,6 +41,7 @@ from .inputs import (
     load_class_map,
     scan_image_folder,
     scan_once,
+    source_side,
     split_holdout,
 )
 from .teachers import check_teacher_specs, load_teachers
@@ -142,6 +143,7 @@ def build_warnings(
     return out
 
 
+_SIDE_SAMPLE = 64  # source images whose headers decide the default --image-size (one per class, in order)
 _LISTED_SKIPPED = 20  # skipped images named in provenance.extra
 
 
@@ -311,14 +313,15 @@ def build_bundle(
                 {k: v.detach().cpu().clone() for k, v in foundation_tensors(fnd.model).items()}
                 if fnd.reference.source == "embedded" and world.is_main else None
             )
-            size = c.image_size or int(fnd.image_size)
-            c = c.resolved(size)  # the size-dependent defaults (factor, crop scales), recorded as used
-            lsize = c.load_size or max(size, round(size * 8 / 7))
             labels_all = data_labels(data)
             train_idx, held_idx = split_holdout(labels_all, c.holdout, seed=c.seed)
+            probe_idx = _probe_indices(labels_all, train_idx)
+            size = c.image_size or default_image_size(int(fnd.image_size), source_side(data, probe_idx[:_SIDE_SAMPLE]))
+            c = c.resolved(size)  # the size-dependent defaults (factor, crop scales), recorded as used
+            lsize = c.load_size or max(size, round(size * 8 / 7))
             if c.num_workers is None:  # auto (recorded as used): none for in-memory data, see auto_num_workers
                 c = c.replace(num_workers=0 if isinstance(data, TensorData) else auto_num_workers(len(train_idx)))
-            probe_imgs, _ = load_all(data, _probe_indices(labels_all, train_idx), lsize)
+            probe_imgs, _ = load_all(data, probe_idx, lsize)
             probe = _views(probe_imgs.to(dev), size, c.seed)
             ens, tdescs = load_teachers(tspecs, num_classes=num_classes, weights=tw, probe=probe, device=dev)
             folders = data.folders if isinstance(data, ImageFolder) else names
