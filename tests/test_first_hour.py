@@ -61,6 +61,19 @@ def test_a_short_distillation_warns():
     assert len(w) == 1 and "less than one pass over the 100 training originals" in w[0]
 
 
+def test_a_teacher_that_fails_on_the_kept_images_warns_with_the_size():
+    c = BuildConfig(ipc=10).resolved(64)
+    metrics = {"images.init_teacher_top1": 0.53, "fidelity.heldout.teacher_top1": 0.263}
+    w = build_warnings(metrics, num_classes=10, config=c, image_size=64)
+    assert len(w) == 1
+    assert "only 53.0% of the bundle's own images right (and 26.3% of held-out views)" in w[0]
+    assert "64-px views" in w[0] and "--image-size, now 64" in w[0] and "--classes" in w[0]
+    # a healthy teacher (the kept images right), or random selection (which does not prefer them): no warning
+    assert build_warnings({"images.init_teacher_top1": 1.0}, num_classes=10, config=c) == []
+    assert build_warnings({"images.init_teacher_top1": 0.53}, num_classes=10,
+                          config=BuildConfig(ipc=10, selection="random").resolved(64)) == []
+
+
 @pytest.fixture
 def env(tmp_path):
     data = _write_data(tmp_path / "train")  # 3 classes (blue, green, red) x 5 images

@@ -68,6 +68,12 @@ def agreement_floor(num_classes: int) -> float:
     return min(2.0 * chance, (1.0 + chance) / 2.0)
 
 
+# Confidence and k-means selection keep candidates the teacher gets right first, so a healthy teacher
+# gets ~100% of the kept images right; below this it got few of a class's candidates right (digits32, a
+# 32-px teacher given 64-px views: 53%, students 23% against 89% at 32 px; benchmarks/README.md).
+TEACHER_KEPT_FLOOR = 0.9
+
+
 def build_warnings(
     metrics: Mapping[str, float],
     *,
@@ -77,6 +83,7 @@ def build_warnings(
     originals_per_class: Sequence[int] | None = None,
     classes: Sequence[str] | None = None,
     skipped_images: Sequence[str] | None = None,
+    image_size: int | None = None,
 ) -> list[str]:
     """What about a finished build should worry its user, one sentence each with the fix.
 
@@ -84,7 +91,10 @@ def build_warnings(
       images, agreement on the bundle's views): the projector has barely learned the teacher;
     - distillation shorter than one pass over the training originals;
     - ``--ipc`` at or above the originals of some class: its images reuse the same few originals;
-    - training images that failed to decode and were skipped (``inputs.skipped_images``).
+    - training images that failed to decode and were skipped (``inputs.skipped_images``);
+    - a teacher that gets fewer than :data:`TEACHER_KEPT_FLOOR` of the kept images right
+      (``images.init_teacher_top1``; not with ``--selection random``): it is run at a resolution or
+      class order it was not trained for.
 
     Args:
         metrics: the build's metrics (``fidelity.heldout.top1_agreement``, ``distill.steps``, ...).
@@ -94,6 +104,7 @@ def build_warnings(
         originals_per_class: training originals of each class (None: images were given, not selected).
         classes: class names, to name the classes concerned.
         skipped_images: the training images that failed to decode (skipped), to name the first few.
+        image_size: the synthetic image side, to name it in the fix.
 
     Returns:
         The warnings, possibly none.
@@ -133,6 +144,19 @@ def build_warnings(
                 f"holds no fewer images than the data it distils. Fix: --ipc below {min(originals_per_class)}, "
                 f"or add originals."
             )
+    kept_top1 = metrics.get("images.init_teacher_top1")
+    if kept_top1 is not None and config.selection != "random" and kept_top1 < TEACHER_KEPT_FLOOR:
+        held = metrics.get("fidelity.heldout.teacher_top1")
+        held_txt = f" (and {100 * held:.1f}% of held-out views)" if held is not None else ""
+        side = f"{image_size}-px" if image_size else "the build's"
+        out.append(
+            f"the teacher gets only {100 * kept_top1:.1f}% of the bundle's own images right{held_txt}, although the "
+            f"selection keeps the candidates it gets right first: it fails on most of {side} views of its own "
+            f"training images. A teacher trained at another resolution, or with its classes in another order, "
+            f"does this, and its labels then mislead the projector and the students. Fix: build at the side the "
+            f"teacher was trained at (--image-size{f', now {image_size}' if image_size else ''}), and check the "
+            f"class order (--classes) against the teacher's outputs."
+        )
     n_bad = int(metrics.get("inputs.skipped_images", 0))
     if n_bad:
         named = f" ({', '.join(list(skipped_images)[:5])}{', ...' if n_bad > 5 else ''})" if skipped_images else ""
@@ -421,7 +445,7 @@ def build_bundle(
                 metrics["inputs.skipped_images"] = len(skipped)
             warnings = build_warnings(
                 metrics, num_classes=num_classes, config=c, train_count=len(train_idx), classes=names,
-                skipped_images=skipped,
+                skipped_images=skipped, image_size=size,
                 originals_per_class=(torch.bincount(labels_all[train_idx], minlength=num_classes).tolist()
                                      if images is None and train_idx else None),
             )
