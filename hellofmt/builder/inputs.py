@@ -22,7 +22,6 @@ import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from PIL import Image
@@ -357,7 +356,7 @@ _DRAFT_MARGIN = 2
 _REDUCING_GAP = 3.0
 
 
-def source_side(data: Any, indices: list[int]) -> int | None:
+def source_side(data: ImageFolder | TensorData, indices: list[int]) -> int | None:
     """The median short side, in pixels, of the source images at ``indices`` as stored (read from their
     headers; the caller passes a small sample), or None when none of them reads. In-memory data: its
     tensor's side. An image that does not read is left out here and reported where it is decoded."""

@@ -167,7 +167,6 @@ def build_warnings(
     return out
 
 
-_SIDE_SAMPLE = 64  # source images whose headers decide the default --image-size (one per class, in order)
 _LISTED_SKIPPED = 20  # skipped images named in provenance.extra
 
 
@@ -339,8 +338,9 @@ def build_bundle(
             )
             labels_all = data_labels(data)
             train_idx, held_idx = split_holdout(labels_all, c.holdout, seed=c.seed)
-            probe_idx = _probe_indices(labels_all, train_idx)
-            size = c.image_size or default_image_size(int(fnd.image_size), source_side(data, probe_idx[:_SIDE_SAMPLE]))
+            probe_idx = _probe_indices(labels_all, train_idx)  # one image per class, at most 64
+            # their headers also decide the default side (the images' own, when below the foundation's)
+            size = c.image_size or default_image_size(int(fnd.image_size), source_side(data, probe_idx))
             c = c.resolved(size)  # the size-dependent defaults (factor, crop scales), recorded as used
             lsize = c.load_size or max(size, round(size * 8 / 7))
             if c.num_workers is None:  # auto (recorded as used): none for in-memory data, see auto_num_workers
