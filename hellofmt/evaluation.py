@@ -9,7 +9,12 @@ CutMix partners and boxes), for the same steps; only the labels differ:
 - ``hard``: cross-entropy on the hard label of each view (the class that covers most of it);
 - ``teacher``: the teacher labelling the same views online (the upper bound);
 - ``random``: as many real images per class as the bundle has, drawn at random from the training
-  data and labelled by the same projector (the control: improvement over random, IOR).
+  data and labelled by the same projector (the control: improvement over random, IOR). A bundle
+  built with ``--adapt-steps`` has a projector fine-tuned to its own images; then each random subset
+  gets a copy of it adapted to that subset the same way (same steps and settings, against
+  ``--teacher``), so that the control is what ``hellofmt build --images RANDOM_SUBSET`` would have
+  made. Without ``--teacher`` the copy cannot be adapted, the random arm is labelled by the bundle's
+  projector as it is, and the report says that this favours the bundle.
 
 The table then gives ``bundle / teacher``, ``bundle - hard`` (what the soft labels add) and
 ``IOR = bundle - random`` (what the distilled images add over random real ones). Under ``torchrun``
@@ -58,6 +63,8 @@ __all__ = ["ARMS", "ArmResult", "EvalResult", "arm_loader", "evaluate", "load_va
 
 ARMS = ("bundle", "hard", "teacher", "random")
 _MAX_LISTED = 20
+# The most adaptation steps a bundle's recorded build_args may ask the random arm to repeat per seed.
+MAX_ADAPT_STEPS = 100_000
 _VAL_BATCH = 256
 
 
@@ -98,6 +105,9 @@ class EvalResult:
     teacher: list[str] = field(default_factory=list)
     train_data: str | None = None
     random_skipped: int = 0
+    # None: the bundle's projector was not adapted to its images (or no random arm); True: each random
+    # subset got a copy adapted to it; False: adapted bundle, but no teacher to adapt the copy with.
+    random_adapted: bool | None = None
     date: str = ""
     hellofmt_version: str = __version__
     rank: int = 0  # this process's rank under torchrun (only rank 0 writes)
@@ -130,6 +140,7 @@ class EvalResult:
             "val_skipped": len(self.val_skipped),
             "val_skipped_files": self.val_skipped[:_MAX_LISTED],
             "random_skipped": self.random_skipped,
+            "random_adapted": self.random_adapted,
             "teacher": self.teacher,
             "train_data": self.train_data,
             "device": self.device,
@@ -177,6 +188,12 @@ class EvalResult:
             lines.append(f"bundle - hard         {100 * c['bundle-hard']:+.1f} points (what the soft labels add)")
         if c["ior"] is not None:
             lines.append(f"IOR = bundle - random {100 * c['ior']:+.1f} points (the images against random real ones)")
+            if self.random_adapted:
+                lines.append("  (the projector was adapted to the bundle's images; each random subset got a copy "
+                             "adapted to it the same way)")
+            elif self.random_adapted is False:
+                lines.append("  (biased towards the bundle: its projector was adapted to its own images, and without "
+                             "--teacher the random subsets are labelled by it unadapted)")
         return "\n".join(lines).rstrip()
 
 
@@ -383,6 +400,54 @@ class _Online(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(x).float()
+
+
+def _adaptation(manifest, image_side: int):
+    """The adaptation a bundle's projector got in its build (``--adapt-steps``), as a
+    :class:`~hellofmt.builder.distill.DistillConfig` to repeat it on other images; None if it got none."""
+    from .builder.config import LOSSES, BuildConfig
+    from .builder.distill import DistillConfig
+
+    args = dict(manifest.provenance.build_args or {})
+    steps = args.get("adapt_steps") or 0
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        return None
+    if steps > MAX_ADAPT_STEPS:  # a bundle is untrusted: it does not get to set an unbounded training run
+        raise EvalInputError(f"the bundle's build_args.adapt_steps is {steps}, above {MAX_ADAPT_STEPS:,}",
+                             field="--arms", fix="leave 'random' out of --arms for this bundle")
+    d = BuildConfig()  # a recorded build_args may predate an option: the default then
+
+    def arg(name: str, kind):
+        v = args.get(name)
+        return v if isinstance(v, kind) and not isinstance(v, bool) else getattr(d, name)
+
+    loss = arg("loss", str)
+    return DistillConfig(steps=steps, batch_size=max(1, arg("batch_size", int)), lr=float(arg("lr", (int, float))),
+                         weight_decay=float(arg("weight_decay", (int, float))),
+                         loss=loss if loss in LOSSES else d.loss, ce_weight=float(arg("ce_weight", (int, float))),
+                         temperature=float(manifest.labels.temperature), view_size=int(image_side),
+                         mix=manifest.labels.mix, scale=tuple(manifest.labels.scale), checkpoint_every=0,
+                         num_workers=0, seed=arg("seed", int))
+
+
+def _adapted_copy(ds: DistilledDataset, teacher: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg, *,
+                  world, progress: bool) -> nn.Module:
+    """A copy of the bundle's projector, its deltas fine-tuned to ``teacher`` on views of ``images`` as
+    the build adapted them to the bundle's own (``cfg`` from :func:`_adaptation`); merged, frozen."""
+    import tempfile
+
+    from .builder.checkpoint import CheckpointStore
+    from .builder.distill import distill_projector
+    from .projector import Projector
+
+    proj = Projector.from_bundle(ds.bundle, device=world.device, trainable=True)
+    own = torch.utils.data.TensorDataset(images.cpu(), labels.cpu())
+    with tempfile.TemporaryDirectory() as tmp:  # never written: the store is disabled
+        distill_projector(proj, teacher, own, cfg, world=world, store=CheckpointStore(tmp, enabled=False),
+                          progress=progress, stage="adapt")
+    proj.merge()
+    proj.eval()
+    return proj
 
 
 def _with_labeller(ds: DistilledDataset, labeller: nn.Module) -> DistilledDataset:
@@ -643,11 +708,13 @@ def evaluate(
                                                 recorded_folders=recorded, resize=proto.val_resize)
         sources: dict[str, Any] = {}
         teacher_desc: list[str] = []
+        adapt = _adaptation(manifest, ds.image_size[0]) if "random" in arm_list else None
+        ens = None
         if "bundle" in arm_list:
             sources["bundle"] = ds
         if "hard" in arm_list:
             sources["hard"] = _with_labeller(ds, _NoLabels(num_classes))
-        if "teacher" in arm_list:
+        if "teacher" in arm_list or (adapt is not None and teacher):
             from .builder.teachers import load_teachers
 
             probe = torch.nn.functional.interpolate(ds.images[:4].to(world.device).float() / 255,
@@ -655,7 +722,8 @@ def evaluate(
                                                     antialias=True, align_corners=False)
             ens, teacher_desc = load_teachers(teacher, num_classes=num_classes, weights=teacher_weights, probe=probe,
                                               device=world.device)
-            sources["teacher"] = _with_labeller(ds, _Online(ens))
+            if "teacher" in arm_list:
+                sources["teacher"] = _with_labeller(ds, _Online(ens))
         train_folder_class = None
         if train_listing is not None:
             train_folder_class = match_classes(train_listing[1], manifest.classes, class_map=tmap,
@@ -677,6 +745,8 @@ def evaluate(
                                                  ds.image_size[0], seed, train_listing[0])
                     random_bad += bad
                     src = ds.with_images(xs, ys)
+                    if adapt is not None and ens is not None:
+                        src = _with_labeller(src, _adapted_copy(ds, ens, xs, ys, adapt, world=world, progress=show))
                 acc = _train_one(arm, src, proto, spec, seed, num_classes=num_classes, device=world.device,
                                  world=world, val=(val_x, val_y), progress=show)
                 results[arm].accuracies.append(acc)
@@ -694,6 +764,7 @@ def evaluate(
             teacher=teacher_desc,
             train_data=os.fspath(train_data) if train_data is not None else None,
             random_skipped=random_bad,
+            random_adapted=None if adapt is None else ens is not None,
             date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             rank=world.rank,
         )

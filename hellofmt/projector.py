@@ -333,6 +333,12 @@ class Projector(nn.Module):
         self._head_info = HeadDelta(rank=head.rank, alpha=head.alpha) if head is not None else None
         return self.projector_info()
 
+    def delta_parameters(self) -> list[nn.Parameter]:
+        """The attached deltas' ``lora_A``/``lora_B`` parameters (encoder targets, then the head): what
+        distillation trains. Empty once merged."""
+        mods = list(self._deltas.values()) + ([self.head] if self.head is not None else [])
+        return [p for m in mods for p in (m.lora_A, m.lora_B)]
+
     def delta_tensors(self, encoding: str | None = None) -> dict[str, Tensor]:
         """What goes in ``projector.safetensors``: ``<param>.lora_A`` ``[r, in]``,
         ``<param>.lora_B`` ``[out, r]`` and ``head.lora_A`` ``[r, D]``, ``head.lora_B`` ``[C, r]``;
@@ -500,13 +506,19 @@ class Projector(nn.Module):
         device: str | torch.device = "cpu",
         check_fingerprint: bool = True,
         compile: bool = False,
+        trainable: bool = False,
     ) -> Projector:
         """The bundle's projector in the inference form: foundation resolved from the manifest
         (fingerprint checked; ``check_fingerprint=False`` only warns on a mismatch), head rebuilt
         from the manifest's classes, templates and logit scale, deltas merged from the projector
         file; eval mode, every parameter frozen, optionally ``torch.compile``d. Not under
         ``torch.inference_mode``: its logits are loss targets, and autograd refuses to save
-        inference tensors for backward."""
+        inference tensors for backward.
+
+        ``trainable=True`` gives the training form instead: the deltas attached unmerged with only
+        their ``lora_A``/``lora_B`` trainable (the foundation frozen), to fine-tune them further (what
+        ``hellofmt eval`` does to a copy for its random arm when the bundle's projector was adapted to
+        its own images); ``compile`` is ignored then."""
         man = bundle.manifest
         if man.foundation.source == "embedded":
             bundle.foundation_path()  # the bundle's own safe-path and presence checks
@@ -515,10 +527,15 @@ class Projector(nn.Module):
         )
         proj = cls(foundation, man.classes, man.head.templates, logit_scale=man.head.logit_scale)
         tensors = bundle.projector_tensors(device="cpu")
-        proj.load_deltas(tensors, man.projector, file=bundle.file(man.projector.file), merge=True)
+        proj.load_deltas(tensors, man.projector, file=bundle.file(man.projector.file), merge=not trainable,
+                         trainable=trainable)
         proj.to(device)
         proj.eval()
         proj.requires_grad_(False)
+        if trainable:
+            for p in proj.delta_parameters():
+                p.requires_grad_(True)
+            return proj
         if compile:
             proj.compile_encoder()
         return proj

@@ -122,6 +122,7 @@ def test_tiny_build_end_to_end(env):
     assert m.probe is not None and m.probe.views
     assert m.projector.head is not None and m.projector.head.rank == 2
     assert m.metrics["distill.steps"] == 4 and m.metrics["distill.resumed_from"] == 0
+    assert "adapt.steps" not in m.metrics and m.provenance.build_args["adapt_steps"] == 0  # off by default
     for key in ("fidelity.synthetic.top1_agreement", "fidelity.heldout.kl", "refine.kl_before", "refine.kl_after"):
         assert key in m.metrics
     assert set(m.provenance.extra["timings_s"]) >= {"inputs", "distill", "images", "refine", "fidelity"}
@@ -151,6 +152,28 @@ def test_distillation_learns_the_teacher(env):
     """The projector starts from random CLIP weights, so agreement comes from the deltas alone."""
     res = _build(env, steps=40, rank=4, head_rank=4, lr=1e-2, ipc=2)
     assert res["metrics"]["fidelity.synthetic.top1_agreement"] >= 0.8
+
+
+def test_adaptation_fits_the_projector_to_the_bundle_images(env):
+    """--adapt-steps fine-tunes the deltas on views of the kept images: a barely distilled projector
+    then labels those views like the teacher, recorded in the metrics and the timings."""
+    from hellofmt.builder.checkpoint import CheckpointStore
+
+    kw = dict(steps=2, ipc=2, rank=4, head_rank=4, lr=1e-2, keep_checkpoints=True)
+    before = _build(env, out_name="plain", **kw)["metrics"]
+    res = _build(env, out_name="adapted", adapt_steps=40, **kw)
+    after = res["metrics"]
+    assert "adapt.steps" not in before
+    assert after["adapt.steps"] == 40 and after["distill.steps"] == 2
+    assert after["fidelity.synthetic.top1_agreement"] >= before["fidelity.synthetic.top1_agreement"] + 0.3
+    assert after["fidelity.synthetic.kl"] < before["fidelity.synthetic.kl"]
+    assert "adapt" in res["timings"]
+    assert res.path is not None
+    ck = CheckpointStore(env["tmp"] / "adapted.ckpt").load("adapt")
+    assert ck is not None and ck.done and ck.step == 40
+    # resuming a finished adaptation reloads it rather than training again
+    again = _build(env, out_name="adapted", adapt_steps=40, resume=True, overwrite=True, **kw)["metrics"]
+    assert again["fidelity.synthetic.top1_agreement"] == after["fidelity.synthetic.top1_agreement"]
 
 
 def test_images_from_folder(env):
@@ -480,6 +503,7 @@ def test_refine_resume_after_completion_returns_stored_images(tmp_path):
     (dict(lr=-1e-3), "--lr"),
     (dict(weight_decay=-0.1), "--weight-decay"),
     (dict(refine_steps=2, refine_lr=0.0), "--refine-lr"),
+    (dict(adapt_steps=-1), "--adapt-steps"),
     (dict(num_workers=-1), "--num-workers"),
     (dict(fidelity_views=0), "--fidelity-views"),
     (dict(candidates=0), "--candidates"),

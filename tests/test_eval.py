@@ -91,6 +91,7 @@ def test_all_four_arms_table_and_json(tiny_bundle, dirs):
     assert d["hyperparameters"]["epochs"] == 2 and d["hyperparameters"]["batch_size"] == 6  # capped at 6 images
     assert d["hyperparameters"]["image_size"] == 32 and d["student"] == "convnet:depth=3,width=8,norm=instance"
     assert d["arms"]["random"]["accuracies"] == r.arms["random"].accuracies
+    assert d["random_adapted"] is None  # a bundle built without --adapt-steps: the same projector labels both
     assert d["comparisons"]["ior"] == pytest.approx(r.arms["bundle"].mean - r.arms["random"].mean)
     assert d["comparisons"]["bundle-hard"] == pytest.approx(r.arms["bundle"].mean - r.arms["hard"].mean)
     assert d["teacher"] == ["models.py:colour_teacher"] and d["world_size"] == 1
@@ -160,6 +161,69 @@ def test_with_images_shares_the_projector(tiny_bundle):
         ds.with_images(imgs, labels + 1)
     with pytest.raises(InputError, match="9 integer"):
         ds.with_images(imgs, labels[:4])
+
+
+def test_random_arm_of_an_adapted_bundle_gets_an_adapted_projector(dirs, monkeypatch):
+    """A bundle built with --adapt-steps has a projector fitted to its own images; the random control
+    gets a copy fitted to each random subset the same way (with --teacher), or says it is biased."""
+    import hellofmt
+    import hellofmt.evaluation as ev
+    from hellofmt.dataset import DistilledDataset
+    from hellofmt.projector import Projector
+
+    config = str(ROOT / "tests" / "data" / "hf-test-tiny-vit.json")
+    teacher = f"{dirs['models']}:colour_teacher"
+    out = dirs["tmp"] / "adapted-bundle"
+    hellofmt.build_bundle(str(dirs["train"]), teacher, config, out, ipc=2, steps=2, adapt_steps=3, batch_size=4,
+                          rank=2, head_rank=2, holdout=0.2, fidelity_views=1, progress=False, device="cpu")
+    ds = DistilledDataset(out, device="cpu")
+    assert ds.manifest.provenance.build_args["adapt_steps"] == 3
+
+    # the training form of the bundle's projector labels as its merged form, and only the deltas train
+    train_form = Projector.from_bundle(ds.bundle, trainable=True)
+    x = ds.images[:4].float() / 255
+    assert torch.allclose(train_form(x), ds.projector(x), atol=1e-4)
+    trainable = {n for n, p in train_form.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+
+    made = []
+    real = ev._adapted_copy
+
+    def spy(ds_, teacher_, xs, ys, cfg, **kw):
+        proj = real(ds_, teacher_, xs, ys, cfg, **kw)
+        made.append((cfg.steps, xs, proj))
+        return proj
+
+    monkeypatch.setattr(ev, "_adapted_copy", spy)
+    r = _evaluate(out, dirs["val"], arms="random", teacher=teacher, train_data=dirs["train"], seeds=2)
+    assert r.random_adapted is True and "adapted to it the same way" not in r.format_table()  # no IOR without bundle
+    assert [m[0] for m in made] == [3, 3]  # one copy per seed, adapted for the bundle's own steps
+    steps, xs, proj = made[0]
+    views = xs.float() / 255
+    assert not torch.allclose(proj(views), ds.projector(views), atol=1e-4)  # the copy's deltas moved
+
+    made.clear()
+    r = _evaluate(out, dirs["val"], arms="bundle,random", train_data=dirs["train"], seeds=1)
+    assert r.random_adapted is False and not made
+    assert "biased towards the bundle" in r.format_table() and r.to_dict()["random_adapted"] is False
+
+
+def test_adaptation_read_from_an_untrusted_manifest_is_bounded():
+    from types import SimpleNamespace
+
+    from hellofmt.evaluation import MAX_ADAPT_STEPS, _adaptation
+
+    def man(**args):
+        return SimpleNamespace(provenance=SimpleNamespace(build_args=args),
+                               labels=SimpleNamespace(temperature=1.0, mix="cutmix", scale=[0.25, 1.0]))
+
+    assert _adaptation(man(), 32) is None and _adaptation(man(adapt_steps=0), 32) is None
+    assert _adaptation(man(adapt_steps="9"), 32) is None
+    cfg = _adaptation(man(adapt_steps=7, loss="evil", batch_size=-3, lr=0.02), 32)
+    assert (cfg.steps, cfg.loss, cfg.batch_size, cfg.lr, cfg.mix, cfg.view_size) == (7, "kl", 1, 0.02, "cutmix", 32)
+    with pytest.raises(EvalInputError, match="adapt_steps") as e:
+        _adaptation(man(adapt_steps=MAX_ADAPT_STEPS + 1), 32)
+    assert e.value.field == "--arms"
 
 
 # --------------------------------------------------------------------------------------------------

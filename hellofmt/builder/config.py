@@ -156,6 +156,11 @@ class BuildConfig:
         6000, "Floor on the distillation steps that --epochs gives: a small training set still gets enough "
         "steps (10 epochs of 1,300 images are 190 steps, far too few; 6000: chosen by students, "
         "benchmarks/README.md). 0: --epochs alone.")
+    adapt_steps: int = option(
+        0, "Steps that fine-tune the projector's deltas to the teacher on views of the bundle's own images "
+        "(the label recipe's crops and mixing), after the images are chosen: the only images whose views the "
+        "projector will label. 0 (the default): off; 2,000 steps moved students by -0.7 to +2.0 points over "
+        "three sets, within the seed spread (benchmarks/README.md).")
     refine_steps: int = option(0, "Image refinement steps, per block of --refine-chunk images (0: off).",
                                resume=True)
     refine_lr: float = option(0.01, "Learning rate of the image refinement (Adam).")
@@ -246,6 +251,8 @@ class BuildConfig:
             bad("--temperature", "expected a number > 0")
         if not 0 <= self.holdout < 1:
             bad("--holdout", "expected a fraction in [0, 1)")
+        if self.adapt_steps < 0:
+            bad("--adapt-steps", f"expected an integer >= 0, got {self.adapt_steps}")
         if self.refine_steps < 0:
             bad("--refine-steps", "expected an integer >= 0")
         if self.steps is not None and self.steps < 1:

@@ -202,9 +202,13 @@ def distill_projector(
     store: CheckpointStore,
     resume: bool = False,
     progress: bool = True,
+    stage: str = "distill",
 ) -> dict[str, float]:
     """Train the deltas attached to ``projector`` (its trainable parameters) on ``dataset`` (uint8
     squares, int labels). Returns stats: steps run, the step resumed from, final loss, agreement.
+
+    ``stage`` names the checkpoint (and the progress bar): ``"distill"`` for the distillation on the
+    original data, ``"adapt"`` for the adaptation to the bundle's own images that follows it.
 
     A dataset with a ``skipped`` attribute (a :class:`~hellofmt.builder.inputs.SkippedImages`, as
     :class:`~hellofmt.builder.inputs.FolderDataset` has) gets the images that failed to decode, from every
@@ -223,7 +227,7 @@ def distill_projector(
 
     start = 0
     skipped = getattr(dataset, "skipped", None)  # a SkippedImages: images that failed to decode are counted there
-    ck = store.load("distill") if resume else None
+    ck = store.load(stage) if resume else None
     if ck is not None:
         if skipped is not None:
             skipped.add(ck.scalars.get("skipped", {}).items())
@@ -246,7 +250,8 @@ def distill_projector(
             projector, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=False
         )
     amp = dev.type == "cuda"
-    bar = tqdm(total=total, initial=start, desc="distil projector", disable=not (progress and world.is_main),
+    desc = "distil projector" if stage == "distill" else f"{stage} projector"
+    bar = tqdm(total=total, initial=start, desc=desc, disable=not (progress and world.is_main),
                dynamic_ncols=True)
     step = start
     ema_loss = ema_agree = None  # device tensors: read back only when shown or checkpointed
@@ -292,7 +297,7 @@ def distill_projector(
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
                 _share_skipped(skipped, world)
                 if world.is_main:
-                    store.save("distill", step, params=params, optimizer=opt,
+                    store.save(stage, step, params=params, optimizer=opt,
                                scalars={"total": total, "stats": {"loss": ema_loss.item(),
                                                                    "agreement": ema_agree.item()},
                                         "skipped": dict(skipped.files) if skipped is not None else {}})
@@ -304,7 +309,7 @@ def distill_projector(
     stats = {"loss": float(ema_loss.item()) if ema_loss is not None else 0.0,
              "agreement": float(ema_agree.item()) if ema_agree is not None else 0.0}
     if world.is_main:
-        store.save("distill", step, params=params, optimizer=opt, done=True,
+        store.save(stage, step, params=params, optimizer=opt, done=True,
                    scalars={"total": total, "stats": stats,
                             "skipped": dict(skipped.files) if skipped is not None else {}})
     world.barrier()

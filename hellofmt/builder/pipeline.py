@@ -1,4 +1,4 @@
-"""The whole build: inputs -> projector distillation -> images -> refinement -> fidelity -> bundle.
+"""The whole build: inputs -> projector distillation -> images -> refinement -> adaptation -> fidelity -> bundle.
 
 :func:`build_bundle` is what ``hellofmt build`` calls; from Python it also accepts modules (teachers) and
 in-memory data (``(images, labels)`` tensors) directly. Its options are a
@@ -412,13 +412,31 @@ def build_bundle(
                                         resume=c.resume, world=world, progress=progress,
                                         checkpoint_every=max(1, c.checkpoint_every // 2) if c.checkpoint_every else 0)
                 metrics.update({k.replace("refine_", "refine."): v for k, v in st.items()})
+        # ---- 5. adaptation: the deltas fine-tuned on views of the bundle's own images (DDP, every rank) ---
+        if c.adapt_steps > 0:
+            with _timed(timings, "adapt"):
+                for p in projector.delta_parameters():
+                    p.requires_grad_(True)
+                acfg = DistillConfig(steps=c.adapt_steps, batch_size=c.batch_size, lr=c.lr,
+                                     weight_decay=c.weight_decay, loss=c.loss, ce_weight=c.ce_weight,
+                                     temperature=c.temperature, view_size=size, mix=c.mix, scale=tuple(c.scale),
+                                     checkpoint_every=c.checkpoint_every, num_workers=0, seed=c.seed)
+                own = torch.utils.data.TensorDataset(syn.cpu(), syn_labels.cpu())
+                st = distill_projector(projector, ens, own, acfg, world=world, store=store, resume=c.resume,
+                                       progress=progress, stage="adapt")
+                metrics["adapt.steps"] = st["distill_steps"]
+                metrics["adapt.final_loss"] = st["loss"]
+                metrics["adapt.train_agreement"] = st["agreement"]
+            projector.eval()
+            for p in projector.parameters():
+                p.requires_grad_(False)
         if not world.is_main:  # fidelity and writing are rank 0's
             world.close(sync=True)  # waits for rank 0 to write the bundle
             return BuildResult(path=None, metrics=metrics, timings=timings, summary=None, warnings=[])
         syn = syn.to(dev)
         syn_labels = syn_labels.to(dev)
 
-        # ---- 5. fidelity + probe -----------------------------------------------------------------
+        # ---- 6. fidelity + probe -----------------------------------------------------------------
         from .fidelity import measure
 
         with _timed(timings, "fidelity"):
@@ -450,7 +468,7 @@ def build_bundle(
                                      if images is None and train_idx else None),
             )
 
-        # ---- 6. write ----------------------------------------------------------------------------
+        # ---- 7. write ----------------------------------------------------------------------------
         from ..bundle import Bundle, BundleWriter
         from ..summary import format_summary, summarize
         with _timed(timings, "write"):

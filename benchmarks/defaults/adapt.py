@@ -1,0 +1,63 @@
+"""Students on a build option that acts after the images are chosen (``--adapt-steps``): copy the
+checkpoint of a finished ``sweep.py`` build (kept with ``{"keep_checkpoints": true}``), resume it with
+the option changed, so distillation and images are reused and only the later stages run, then
+``hellofmt.evaluate --protocol quick`` on the chosen arms; one JSON line per run to ``--out``.
+
+    python benchmarks/defaults/adapt.py --dataset shapes32 --base CACHE/bundles/shapes32-default-KEY \
+        --name adapt2000 --over '{"adapt_steps": 2000}' --arms bundle,random
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data as bdata  # noqa: E402
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--dataset", required=True)
+ap.add_argument("--base", required=True, help="the default bundle dir (its .ckpt is copied)")
+ap.add_argument("--name", required=True)
+ap.add_argument("--over", default="{}")
+ap.add_argument("--arms", default="bundle,random")
+ap.add_argument("--seeds", type=int, default=3)
+ap.add_argument("--out", default="-")
+a = ap.parse_args()
+torch.set_num_threads(1)
+cache = Path(os.environ.get("HELLOFMT_BENCH_CACHE", "/tmp/hellofmt-defaults"))
+info = bdata.prepare(a.dataset, cache, device="cpu")
+over = json.loads(a.over)
+out = cache / "bundles" / f"{a.dataset}-{a.name}"
+ck = Path(str(out) + ".ckpt")
+from hellofmt import build_bundle, evaluate  # noqa: E402
+from hellofmt.dataset import DistilledDataset  # noqa: E402
+
+t0 = time.perf_counter()
+if not (out / "hellofmt.json").is_file():
+    if ck.exists():
+        shutil.rmtree(ck)
+    shutil.copytree(a.base + ".ckpt", ck)
+    for f in ck.glob("adapt*"):
+        f.unlink()
+    build_bundle(str(info["train"]), info["teacher_spec"], info["foundation"], out, overwrite=True, progress=False,
+                 ipc=10, device="cpu", seed=0, keep_checkpoints=True, checkpoint_dir=str(ck), resume=True, **over)
+build_s = time.perf_counter() - t0
+m = DistilledDataset(str(out), device="cpu").manifest.metrics
+ev = evaluate(str(out), str(info["test"]), arms=a.arms, teacher=info["teacher_spec"], train_data=str(info["train"]),
+              seeds=a.seeds, device="cpu", progress=False)
+d = ev.to_dict()
+res = {"dataset": a.dataset, "config": a.name, "overrides": over, "build_s": round(build_s, 1),
+       "agreement_heldout": m.get("fidelity.heldout.top1_agreement"),
+       "agreement_synthetic": m.get("fidelity.synthetic.top1_agreement"),
+       "kl_synthetic": m.get("fidelity.synthetic.kl"), "adapt_train_agreement": m.get("adapt.train_agreement"),
+       "random_adapted": d["random_adapted"],
+       "arms": {k: v["accuracies"] for k, v in d["arms"].items()},
+       "mean": {k: round(v["mean"], 4) for k, v in d["arms"].items()},
+       "std": {k: round(v["std"], 4) for k, v in d["arms"].items()},
+       "seconds": {k: v["seconds"] for k, v in d["arms"].items()}}
+bdata.emit(res, a.out)
