@@ -365,20 +365,11 @@ def build_bundle(
             gen = torch.Generator().manual_seed(c.seed)
             projector.attach_deltas(rank=c.rank, alpha=c.alpha, targets=list(c.targets) if c.targets else None,
                                     head_rank=c.head_rank, head_alpha=c.head_alpha, generator=gen)  # on dev
-            cfg = DistillConfig(steps=c.steps, epochs=c.epochs, batch_size=c.batch_size, lr=c.lr,
-                                weight_decay=c.weight_decay, loss=c.loss, ce_weight=c.ce_weight,
-                                temperature=c.temperature, view_size=size, mix=c.distill_mix or c.mix,
-                                scale=tuple(c.scale), min_steps=c.min_steps,
-                                checkpoint_every=c.checkpoint_every, num_workers=c.num_workers, seed=c.seed)
-            stats = distill_projector(projector, ens, dataset_for(data, train_idx, lsize), cfg, world=world,
-                                      store=store, resume=c.resume, progress=progress)
-            metrics["distill.steps"] = stats["distill_steps"]
+            cfg = _distill_config(c, size, steps=c.steps, epochs=c.epochs, min_steps=c.min_steps,
+                                  mix=c.distill_mix or c.mix, num_workers=c.num_workers)
+            stats = _train_deltas(projector, ens, dataset_for(data, train_idx, lsize), cfg, "distill", metrics,
+                                  world=world, store=store, resume=c.resume, progress=progress)
             metrics["distill.resumed_from"] = stats["distill_resumed_from"]
-            metrics["distill.final_loss"] = stats["loss"]
-            metrics["distill.train_agreement"] = stats["agreement"]
-        projector.eval()
-        for p in projector.parameters():
-            p.requires_grad_(False)
         # ---- 3. images: every rank selects the classes c % world == rank; all get every image ----------
         with _timed(timings, "images"):
             # under torchrun every rank reads the same (shared) checkpoint folder, so all take the same branch
@@ -415,21 +406,9 @@ def build_bundle(
         # ---- 5. adaptation: the deltas fine-tuned on views of the bundle's own images (DDP, every rank) ---
         if c.adapt_steps > 0:
             with _timed(timings, "adapt"):
-                for p in projector.delta_parameters():
-                    p.requires_grad_(True)
-                acfg = DistillConfig(steps=c.adapt_steps, batch_size=c.batch_size, lr=c.lr,
-                                     weight_decay=c.weight_decay, loss=c.loss, ce_weight=c.ce_weight,
-                                     temperature=c.temperature, view_size=size, mix=c.mix, scale=tuple(c.scale),
-                                     checkpoint_every=c.checkpoint_every, num_workers=0, seed=c.seed)
                 own = torch.utils.data.TensorDataset(syn.cpu(), syn_labels.cpu())
-                st = distill_projector(projector, ens, own, acfg, world=world, store=store, resume=c.resume,
-                                       progress=progress, stage="adapt")
-                metrics["adapt.steps"] = st["distill_steps"]
-                metrics["adapt.final_loss"] = st["loss"]
-                metrics["adapt.train_agreement"] = st["agreement"]
-            projector.eval()
-            for p in projector.parameters():
-                p.requires_grad_(False)
+                _train_deltas(projector, ens, own, _distill_config(c, size, steps=c.adapt_steps, mix=c.mix),
+                              "adapt", metrics, world=world, store=store, resume=c.resume, progress=progress)
         if not world.is_main:  # fidelity and writing are rank 0's
             world.close(sync=True)  # waits for rank 0 to write the bundle
             return BuildResult(path=None, metrics=metrics, timings=timings, summary=None, warnings=[])
@@ -514,6 +493,30 @@ def build_bundle(
         return BuildResult(path=path, metrics=metrics, timings=timings, summary=summary, warnings=warnings)
     finally:
         world.close()
+
+
+def _distill_config(c: BuildConfig, size: int, **stage) -> DistillConfig:
+    """The settings the distillation and the adaptation share (loss, optimiser, views, checkpoints,
+    seed), plus the ``stage``'s own (steps, mixing, workers)."""
+    return DistillConfig(batch_size=c.batch_size, lr=c.lr, weight_decay=c.weight_decay, loss=c.loss,
+                         ce_weight=c.ce_weight, temperature=c.temperature, view_size=size, scale=tuple(c.scale),
+                         checkpoint_every=c.checkpoint_every, seed=c.seed, **stage)
+
+
+def _train_deltas(projector, teacher, dataset, cfg: DistillConfig, stage: str, metrics: dict[str, float],
+                  **kw) -> dict[str, float]:
+    """One training stage of the deltas (``distill`` or ``adapt``, checkpointed under that name): they
+    are made trainable, trained, recorded as ``STAGE.steps``, ``.final_loss`` and ``.train_agreement``,
+    then the whole projector is frozen in eval mode again. Returns :func:`distill_projector`'s stats."""
+    for p in projector.delta_parameters():
+        p.requires_grad_(True)
+    stats = distill_projector(projector, teacher, dataset, cfg, stage=stage, **kw)
+    metrics[f"{stage}.steps"] = stats["distill_steps"]
+    metrics[f"{stage}.final_loss"] = stats["loss"]
+    metrics[f"{stage}.train_agreement"] = stats["agreement"]
+    projector.eval()
+    projector.requires_grad_(False)
+    return stats
 
 
 def _embedder(projector):
