@@ -1,7 +1,8 @@
-"""Students on a build option that acts after the images are chosen (``--adapt-steps``): copy the
-checkpoint of a finished ``sweep.py`` build (kept with ``{"keep_checkpoints": true}``), resume it with
-the option changed, so distillation and images are reused and only the later stages run, then
-``hellofmt.evaluate --protocol quick`` on the chosen arms; one JSON line per run to ``--out``.
+"""Students on a build option that acts after the distillation (``--adapt-steps``; with ``--reselect``
+also the selection's options, such as ``--factor``, which a checkpoint records): copy the checkpoint
+of a finished ``sweep.py`` build (kept with ``{"keep_checkpoints": true}``), resume it with the option
+changed, so the distillation (and, without ``--reselect``, the images) is reused and only the later
+stages run, then ``hellofmt.evaluate --protocol quick`` on the chosen arms; one JSON line per run to ``--out``.
 
     python benchmarks/defaults/adapt.py --dataset shapes32 --base CACHE/bundles/shapes32-default-KEY \
         --name adapt2000 --over '{"adapt_steps": 2000}' --arms bundle,random
@@ -27,6 +28,9 @@ ap.add_argument("--over", default="{}")
 ap.add_argument("--arms", default="bundle,random")
 ap.add_argument("--seeds", type=int, default=3)
 ap.add_argument("--out", default="-")
+ap.add_argument("--reselect", action="store_true",
+                help="also redo the image selection (for options such as --factor that the checkpoint records): "
+                     "the copied checkpoint keeps only its distillation")
 a = ap.parse_args()
 torch.set_num_threads(1)
 cache = Path(os.environ.get("HELLOFMT_BENCH_CACHE", "/tmp/hellofmt-defaults"))
@@ -44,6 +48,9 @@ if not (out / "hellofmt.json").is_file():
     shutil.copytree(a.base + ".ckpt", ck)
     for f in ck.glob("adapt*"):
         f.unlink()
+    if a.reselect:  # keep the distilled deltas; the build record and the selection are made anew
+        for f in [ck / "build.json", *ck.glob("images*")]:
+            f.unlink()
     build_bundle(str(info["train"]), info["teacher_spec"], info["foundation"], out, overwrite=True, progress=False,
                  ipc=10, device="cpu", seed=0, keep_checkpoints=True, checkpoint_dir=str(ck), resume=True, **over)
 build_s = time.perf_counter() - t0
