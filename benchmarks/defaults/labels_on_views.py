@@ -45,27 +45,30 @@ teacher, _ = load_teachers(info["teacher_spec"], num_classes=ds.num_classes,
 teacher.eval()
 
 views: list[torch.Tensor] = []
+logits: list[torch.Tensor] = []
 
 
 class _Capture(torch.nn.Module):
-    """The projector, keeping each label view it is given (the view at the projector's side)."""
+    """The projector, keeping each label view it is given (the view at the projector's side) and its
+    logits on it."""
 
     def __init__(self, proj):
         super().__init__()
         self.proj = proj
 
     def forward(self, x):
+        out = ds_forward(self.proj, x)
         views.append(x.clone())
-        return ds_forward(self.proj, x)
+        logits.append(out.float())
+        return out
 
 
 tapped = copy.copy(ds)
 tapped.projector = _Capture(ds.projector)
 loader = arm_loader(tapped, proto, a.seed)
 hard = torch.cat([h for e in range(min(a.epochs, proto.epochs)) for _, _, h in loader.epoch_batches(e)])
-v = torch.cat(views)
+v, p = torch.cat(views), torch.cat(logits)
 with torch.no_grad():
-    p = torch.cat([ds_forward(ds.projector, v[i:i + 256]) for i in range(0, len(v), 256)]).float()
     q = torch.cat([teacher(v[i:i + 256]) for i in range(0, len(v), 256)]).float()
 t = float(proto.temperature)
 
