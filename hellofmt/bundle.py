@@ -1,8 +1,10 @@
 """A bundle on disk: open and check it (:class:`Bundle`), write it atomically (:class:`BundleWriter`).
 
 A bundle is a flat directory: ``hellofmt.json`` (the manifest), image shards, ``projector.safetensors``,
-optionally ``foundation.safetensors`` and a ``README.md`` dataset card. The manifest records the size
-and sha256 of every other file; opening checks sizes (cheap), ``verify`` checks hashes (reads all).
+optionally ``foundation.safetensors``, and the unlisted extras ``hellofmt push`` writes for the Hub page
+(``manifest.EXTRA_NAMES``: the ``README.md`` dataset card, ``preview.png``, ``viewer.parquet``), which
+readers ignore. The manifest records the size and sha256 of every other file; opening checks sizes
+(cheap), ``verify`` checks hashes (reads all).
 
 Writing goes through a temporary directory beside the target, on the same filesystem, under a lock
 on the target; the directory is then renamed in, or atomically exchanged with the bundle it
@@ -49,6 +51,7 @@ from .errors import (
     ImageStoreError,
     InputError,
     IntegrityError,
+    ManifestDigestError,
     ManifestError,
     MissingFileError,
     UnsafePathError,
@@ -56,15 +59,17 @@ from .errors import (
 from .fingerprint import fingerprint
 from .imagestore import check_codec, encode_shards, read_shard
 from .manifest import (
-    CARD_NAME,
+    EXTRA_NAMES,
     MANIFEST_NAME,
     MAX_FILE_NAME_BYTES,
     MAX_MANIFEST_BYTES,
     FileEntry,
     ImagesInfo,
     Manifest,
+    MissingDigestWarning,
     Shard,
     check_file_name,
+    manifest_digest,
 )
 from .tensorfile import PROJECTOR_DTYPES, load_safetensors
 
@@ -75,6 +80,11 @@ __all__ = [
     "DEBRIS_MARKER",
     "recover",
     "sha256_file",
+    "from_hub_cache",
+    "missing_file_hint",
+    "update_manifest",
+    "reseal_manifest",
+    "open_for_report",
 ]
 
 _CHUNK = 1024 * 1024
@@ -91,6 +101,41 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def from_hub_cache(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a bundle that came from the Hugging Face Hub: a snapshot in the cache
+    (``<repo>/snapshots/<commit>``) or a folder ``hellofmt pull`` downloaded into (its ``.cache``
+    holds huggingface_hub's download metadata)."""
+    p = Path(os.path.abspath(path))
+    return (p.parent.name == "snapshots" and (p.parent.parent / "blobs").is_dir()) or \
+        (p / ".cache" / "huggingface").is_dir()
+
+
+def missing_file_hint(path: str | os.PathLike[str]) -> str:
+    """What to do about a bundle file that is absent, by where the bundle came from."""
+    if from_hub_cache(path):
+        return "the download is incomplete: pull the bundle again"
+    return "the folder is incomplete: copy the whole bundle folder again, or rebuild it"
+
+
+def open_for_report(path: str | os.PathLike[str]) -> tuple[Bundle, list[str]]:
+    """Open a bundle to report on it even when it is damaged (``hellofmt info``): the manifest must
+    parse and be valid, but a digest mismatch and every listed file that is absent, unsafe or of the
+    wrong size are returned as problem lines instead of raised, so a report can show everything the
+    manifest says and then what is wrong.
+
+    Raises:
+        BundleNotFoundError, ManifestError: there is no manifest to report on.
+    """
+    problems: list[str] = []
+    try:
+        bundle = Bundle.open_unchecked(path)
+    except ManifestDigestError as e:
+        problems.append(str(e))
+        bundle = Bundle.open_unchecked(path, check_digest=False)
+    problems += bundle.file_problems()
+    return bundle, problems
 
 
 def _matrix_shape(shape: list[int]) -> tuple[int, int]:
@@ -143,15 +188,17 @@ class Bundle:
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, verify: bool = False) -> Bundle:
+    def open(cls, path: str | os.PathLike[str], *, verify: bool = False, check_digest: bool = True) -> Bundle:
         """Open the bundle at ``path``: validate the manifest, check every listed file.
 
         Every file the manifest lists must exist, be a regular file inside the bundle (a symlink
         leading out raises UnsafePathError) and have the listed size (IntegrityError). Unlisted
-        files other than ``README.md`` give an :class:`UnlistedFileWarning`. With ``verify=True``
-        the sha256 of every file is checked too (IntegrityError naming the first bad file).
+        files other than the extras of ``manifest.EXTRA_NAMES`` (card, preview, viewer table) give an
+        :class:`UnlistedFileWarning`. With ``verify=True``
+        the sha256 of every file is checked too (IntegrityError naming the first bad file). The
+        manifest's own digest is checked first (ManifestDigestError), unless ``check_digest=False``.
         """
-        bundle = cls.open_unchecked(path)
+        bundle = cls.open_unchecked(path, check_digest=check_digest)
         try:
             for name, entry in bundle.manifest.files.items():
                 bundle._check_size(name, entry)
@@ -165,9 +212,10 @@ class Bundle:
         return bundle
 
     @classmethod
-    def open_unchecked(cls, path: str | os.PathLike[str]) -> Bundle:
-        """Read and validate the manifest only, checking no other file: what :meth:`verify` and
-        ``hellofmt verify`` start from, so that every file problem becomes a report line.
+    def open_unchecked(cls, path: str | os.PathLike[str], *, check_digest: bool = True) -> Bundle:
+        """Read and validate the manifest only (its digest too, unless ``check_digest=False``),
+        checking no other file: what :meth:`verify` and ``hellofmt verify`` start from, so that
+        every file problem becomes a report line.
 
         The directory is opened once and every later read goes through that handle (spec
         section 10): a replace of the bundle meanwhile gives this reader the version it opened,
@@ -204,7 +252,7 @@ class Bundle:
                                   field="manifest") from None
             if len(data) > MAX_MANIFEST_BYTES:
                 raise ManifestError(f"manifest is over the {MAX_MANIFEST_BYTES}-byte limit", file=root / MANIFEST_NAME)
-            bundle.manifest = Manifest.from_json(data, file=str(root / MANIFEST_NAME))
+            bundle.manifest = Manifest.from_json(data, file=str(root / MANIFEST_NAME), check_digest=check_digest)
         except BaseException:
             bundle.close()
             raise
@@ -222,7 +270,7 @@ class Bundle:
         except FileNotFoundError:
             self._check_not_replaced(gone=True)
             raise MissingFileError("listed in the manifest but absent", file=shown, field=field,
-                                   fix="the download is incomplete: pull the bundle again") from None
+                                   fix=missing_file_hint(self.path)) from None
         except OSError as e:
             raise BundleError(f"cannot read: {e.strerror or e}", file=shown, field=field) from None
         if stat.S_ISLNK(st.st_mode):
@@ -231,7 +279,8 @@ class Bundle:
                 root = Path(os.path.realpath(self._root, strict=True))
                 st = os.stat(p)
             except (OSError, RuntimeError):
-                raise UnsafePathError("is a broken or looping symlink", file=shown, field=field) from None
+                raise UnsafePathError("is a broken or looping symlink", file=shown, field=field,
+                                      fix=missing_file_hint(self.path)) from None
             # huggingface_hub's cache keeps a snapshot's files as symlinks <repo>/snapshots/<commit>/<name>
             # -> <repo>/blobs/<hash>: that one store, of the same repository, is allowed as a target.
             hf_blobs = root.parent.parent / "blobs" if root.parent.name == "snapshots" else None
@@ -297,10 +346,22 @@ class Bundle:
         self._safe(name)
         return self.path / name
 
+    def file_problems(self) -> list[str]:
+        """Every listed file that is absent, unsafe or of another size than the manifest says, one
+        line each (``[]``: all present); hashes are not read. What ``hellofmt info`` lists for a
+        damaged bundle."""
+        problems = []
+        for name, entry in self.manifest.files.items():
+            try:
+                self._check_size(name, entry)
+            except HellofmtError as e:
+                problems.append(str(e))
+        return problems
+
     def _unlisted(self) -> list[str]:
         # ".cache" holds huggingface_hub's metadata after a download into a directory (pull DIR);
         # the debris marker appears in a replaced version while a writer deletes it.
-        known = set(self.manifest.files) | {MANIFEST_NAME, CARD_NAME, ".cache", DEBRIS_MARKER}
+        known = set(self.manifest.files) | {MANIFEST_NAME, *EXTRA_NAMES, ".cache", DEBRIS_MARKER}
         return sorted(e.name for e in os.scandir(self._root) if e.name not in known)
 
     def _warn_unlisted(self) -> None:
@@ -866,7 +927,7 @@ class BundleWriter:
         """Write one file of the bundle from memory, hashing it as it is written, then fsync."""
         self._check_open()
         check_file_name(name, None, "name")
-        if name in (MANIFEST_NAME, CARD_NAME, DEBRIS_MARKER) or name in self._files:
+        if name in (MANIFEST_NAME, *EXTRA_NAMES, DEBRIS_MARKER) or name in self._files:
             raise InputError(f"{name!r} is reserved or already written", field="name")
         h = hashlib.sha256()
         view = memoryview(data).cast("B")
@@ -1000,12 +1061,15 @@ def _os_errors(file: Path):
                           fix="check the path, the free space and the permissions") from None
 
 
-def update_manifest(path: str | os.PathLike[str], change, *, lock_timeout: float | None = 30.0) -> Manifest:
+def update_manifest(path: str | os.PathLike[str], change, *, lock_timeout: float | None = 30.0,
+                    check_digest: bool = True) -> Manifest:
     """Rewrite a bundle's ``hellofmt.json`` in place under the bundle's write lock: ``change(manifest)``
     edits the manifest as it is now; the result is validated, written to a temporary file in the
     bundle, fsynced and renamed over the manifest, so a reader sees the old or the new one. The
-    manifest is not in its own file list, so every file hash stays valid. Used by
-    ``hellofmt eval --record``.
+    manifest is not in its own file list, so every file hash stays valid; its digest
+    (``manifest_sha256``) is recomputed over the new text, under the lock. Used by
+    ``hellofmt eval --record`` and, with ``check_digest=False`` (accept the manifest as it is now),
+    by :func:`reseal_manifest`.
 
     Raises:
         BundleLockedError: a writer holds the bundle for longer than ``lock_timeout`` seconds.
@@ -1016,7 +1080,8 @@ def update_manifest(path: str | os.PathLike[str], change, *, lock_timeout: float
         raise BundleLockedError(f"{lock.holder()} is writing this bundle (lock {lock.path.name})", file=target,
                                 fix="wait for it to finish and try again")
     try:
-        manifest = Bundle.open(target).manifest
+        with Bundle.open(target, check_digest=check_digest) as bundle:
+            manifest = bundle.manifest
         change(manifest)
         out = target / MANIFEST_NAME
         manifest.validate(file=str(out))
@@ -1034,3 +1099,15 @@ def update_manifest(path: str | os.PathLike[str], change, *, lock_timeout: float
         return manifest
     finally:
         lock.release()
+
+
+def reseal_manifest(path: str | os.PathLike[str], *, lock_timeout: float | None = 30.0) -> str:
+    """Accept a bundle's manifest as it is now and write it back with a fresh ``manifest_sha256``
+    (``hellofmt verify --fix-digest``): after an edit made on purpose, or to give an older bundle a
+    digest. The manifest must still be valid; its fields are written back unchanged (unknown ones
+    too), under the bundle's lock, atomically. Returns the new digest.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingDigestWarning)  # adding one is the point
+        manifest = update_manifest(path, lambda m: None, lock_timeout=lock_timeout, check_digest=False)
+    return manifest_digest(manifest.to_json())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import warnings
 
 import click
 
@@ -37,6 +38,12 @@ def _friendly_errors(fn):
 @click.version_option(__version__, prog_name="hellofmt")
 def main() -> None:
     """hellofmt: distilled image datasets whose soft labels come from a low-rank CLIP projector."""
+    warnings.formatwarning = _format_warning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """hellofmt's warnings (an unlisted file, a manifest without a digest) as one line, no source line."""
+    return f"warning: {message}\n"
 
 
 @main.command(short_help="Summarise a bundle, section by section.")
@@ -48,28 +55,42 @@ def main() -> None:
 def info(bundle: str, as_json: bool, max_classes: int) -> None:
     """Summarise BUNDLE (a folder, or a Hub id pulled through the cache): contents, classes, foundation,
     projector, label recipe, teacher(s), files, label payload, fidelity, build metrics, evaluations."""
-    from .bundle import Bundle  # imports torch: kept out of the CLI's start-up
+    from .bundle import open_for_report  # imports torch: kept out of the CLI's start-up
     from .hub import local_bundle
 
-    summary = summarize(Bundle.open(local_bundle(bundle)))
+    # A damaged bundle (a missing shard, an edited manifest) is still described: everything its manifest
+    # says, then the problems, and exit status 1.
+    b, problems = open_for_report(local_bundle(bundle))
+    summary = summarize(b)
     if as_json:
-        click.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        click.echo(json.dumps({**summary, "problems": problems}, indent=2, ensure_ascii=False))
     else:
         click.echo(format_summary(summary, max_classes=max_classes))
+        if problems:
+            click.echo(f"problems    {len(problems)} (hellofmt verify checks everything)")
+            for line in problems:
+                click.echo(f"  {line}")
+    if problems:
+        sys.exit(1)
 
 
 @main.command(short_help="Check every file of a bundle.")
 @click.argument("bundle", type=str)
+@click.option("--fix-digest", is_flag=True,
+              help="First accept the manifest as it is now and write it back with a fresh manifest_sha256 (after "
+              "an edit made on purpose, or to give a bundle written before 0.3 one), then check as usual.")
 @_friendly_errors
-def verify(bundle: str) -> None:
-    """Check every file of BUNDLE (a folder, or a Hub id pulled through the cache): sizes, sha256, images,
-    projector tensors, probe; print what was checked, or each problem and exit 1."""
+def verify(bundle: str, fix_digest: bool) -> None:
+    """Check every file of BUNDLE (a folder, or a Hub id pulled through the cache): the manifest's digest, sizes,
+    sha256, images, projector tensors, probe; print what was checked, or each problem and exit 1."""
     from .bundle import Bundle  # imports torch and the model: kept out of the CLI's start-up
     from .hub import local_bundle
     from .verify import verify_bundle
 
     path = local_bundle(bundle, verify=False)  # verify_bundle hashes every file and lists each problem
-    problems = verify_bundle(path)
+    problems = verify_bundle(path, fix_digest=fix_digest)
+    if fix_digest:
+        click.echo(f"wrote a new manifest_sha256 in {path}/hellofmt.json")
     for line in problems:
         click.echo(line)
     if problems:
@@ -146,14 +167,20 @@ def build(train_data: str, classes: str | None, teachers: tuple[str, ...], teach
 @click.option("--token", default=None, help="Hugging Face token (default: HF_TOKEN or `hf auth login`).")
 @click.option("--license", "license_", default=None,
               help="License id for the dataset card, e.g. apache-2.0 (default: none given).")
+@click.option("--no-preview", is_flag=True,
+              help="Upload no preview.png (the contact sheet at the top of the card) and no viewer table.")
+@click.option("--viewer-table", is_flag=True,
+              help="Also upload viewer.parquet, the images with their class names, so that the Hub's dataset viewer "
+              "shows them: a second copy of the images, about the shards' size (needs pyarrow).")
 @_friendly_errors
 def push(bundle: str, repo_id: str, private: bool, revision: str | None, message: str | None,
-         token: str | None, license_: str | None) -> None:
-    """Verify BUNDLE and upload it, with a dataset card, to the Hub dataset REPO_ID (USER/NAME) in one commit."""
+         token: str | None, license_: str | None, no_preview: bool, viewer_table: bool) -> None:
+    """Verify BUNDLE and upload it, with a dataset card and a preview image, to the Hub dataset REPO_ID
+    (USER/NAME) in one commit."""
     from .hub import push as push_bundle
 
     url = push_bundle(bundle, repo_id, private=private, revision=revision, message=message, token=token,
-                      license=license_)
+                      license=license_, preview=not no_preview, viewer_table=viewer_table)
     click.echo(url)
 
 
@@ -253,6 +280,9 @@ def export(bundle: str, directory: str) -> None:
 @click.option("--json", "json_path", type=click.Path(path_type=str),
               help="Also write the results as JSON here (default: not written).")
 @click.option("--record", is_flag=True, help="Append the results to the bundle manifest's evaluations.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str),
+              help="Also draw the results as a PNG here: each arm per seed, bundle/teacher and IOR, and the classes "
+              "the projector labels worst (needs hellofmt[plot]; default: none).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_friendly_errors
 def eval_(bundle: str, teachers: tuple[str, ...], teacher_weights: tuple[str, ...], quiet: bool, **opts) -> None:
@@ -269,6 +299,8 @@ def eval_(bundle: str, teachers: tuple[str, ...], teacher_weights: tuple[str, ..
         click.echo(f"wrote {opts['json_path']}")
     if opts.get("record"):
         click.echo(f"recorded in {result.bundle}/hellofmt.json (evaluations)")
+    if opts.get("plot"):
+        click.echo(f"wrote {opts['plot']}")
 
 
 

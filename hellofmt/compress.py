@@ -177,10 +177,16 @@ def compress_bundle(
 def format_compress_result(result: dict[str, Any]) -> str:
     """The lines ``hellofmt compress`` prints for a :class:`CompressResult`."""
     enc, size, ch = result["encoding"], result["projector_bytes"], result["label_change"]
+    before, after = size["before"], size["after"]
+    if after < before:
+        change = f"{before / max(after, 1):.2f}x smaller"
+    elif after > before:  # e.g. int8 -> float32: say so, not "0.25x smaller"
+        change = f"{after / max(before, 1):.2f}x larger"
+    else:
+        change = "the same size"
     lines = [
         f"deltas      {enc['from']} -> {enc['to']}",
-        (f"projector   {format_bytes(size['before'])} -> {format_bytes(size['after'])} "
-         f"({size['before'] / max(size['after'], 1):.2f}x smaller)"),
+        f"projector   {format_bytes(before)} -> {format_bytes(after)} ({change})",
     ]
     if ch:
         lines.append(f"labels      KL {ch['kl']:.3g}, top-1 agreement {ch['top1_agreement']:.4f}, "

@@ -18,6 +18,7 @@ __all__ = [
     "HellofmtError",
     "ManifestError",
     "FormatVersionError",
+    "ManifestDigestError",
     "BundleError",
     "BundleNotFoundError",
     "MissingFileError",
@@ -95,6 +96,11 @@ class ManifestError(HellofmtError, ValueError):
 
 class FormatVersionError(ManifestError):
     """The bundle was written for a newer major format version than this hellofmt reads."""
+
+
+class ManifestDigestError(ManifestError):
+    """The manifest's ``manifest_sha256`` is missing where its format version requires it, malformed,
+    given twice, or does not match the manifest: it changed after it was written."""
 
 
 class BundleError(HellofmtError):

@@ -17,7 +17,10 @@ CutMix partners and boxes), for the same steps; only the labels differ:
   projector as it is, and the report says that this favours the bundle.
 
 The table then gives ``bundle / teacher``, ``bundle - hard`` (what the soft labels add) and
-``IOR = bundle - random`` (what the distilled images add over random real ones). Under ``torchrun``
+``IOR = bundle - random`` (what the distilled images add over random real ones). Per class, one pass
+over the held-out images measures the projector's top-1 agreement with the teacher (when one is
+given) and its own top-1 (``EvalResult.per_class``); :meth:`EvalResult.plot` (``--plot FILE.png``)
+draws both, the arms per seed and the worst classes by name. Under ``torchrun``
 each student is DDP-wrapped, the loader is sharded by rank and accuracies are all-reduced; rank 0
 prints and writes. The recipes (``quick``, ``rded``, ``sre2l``) live in :mod:`hellofmt.students`.
 
@@ -43,8 +46,9 @@ import torch
 from torch import nn
 
 from . import __version__
-from .errors import EvalInputError, HellofmtError
+from .errors import EvalInputError, HellofmtError, InputError
 from .manifest import Evaluation
+from .plots import check_plot_path, plot_eval
 from .students import (
     Protocol,
     build_student,
@@ -108,6 +112,10 @@ class EvalResult:
     # None: the bundle's projector was not adapted to its images (or no random arm); True: each random
     # subset got a copy adapted to it; False: adapted bundle, but no teacher to adapt the copy with.
     random_adapted: bool | None = None
+    # Per class (bundle class order), on the held-out images: "classes" (names), "count" (images),
+    # "projector_top1" and, with a teacher, "teacher_agreement" (the projector's top-1 = the teacher's);
+    # None where a class has no held-out image.
+    per_class: dict[str, Any] | None = None
     date: str = ""
     hellofmt_version: str = __version__
     rank: int = 0  # this process's rank under torchrun (only rank 0 writes)
@@ -141,6 +149,7 @@ class EvalResult:
             "val_skipped_files": self.val_skipped[:_MAX_LISTED],
             "random_skipped": self.random_skipped,
             "random_adapted": self.random_adapted,
+            "per_class": self.per_class,
             "teacher": self.teacher,
             "train_data": self.train_data,
             "device": self.device,
@@ -162,6 +171,23 @@ class EvalResult:
             val_count=self.val_count,
         )
 
+    def plot(self, path: str | os.PathLike[str]) -> Path:
+        """Draw this result as a PNG (:func:`hellofmt.plots.plot_eval`): each arm's top-1 per seed and its
+        mean, bundle/teacher and IOR marked; per class, the projector's agreement with the teacher on the
+        held-out images (its top-1 without a teacher), worst classes named.
+
+        Args:
+            path: the PNG to write; its folder must exist.
+
+        Returns:
+            The path written.
+
+        Raises:
+            InputError: matplotlib is missing (``pip install "hellofmt[plot]"``), the folder does not exist,
+                or the name does not end in ``.png``.
+        """
+        return plot_eval(self.to_dict(), path)
+
     def format_table(self) -> str:
         """The human-readable report: one row per arm, then the comparisons."""
         p = self.protocol
@@ -182,6 +208,9 @@ class EvalResult:
             lines.append(f"{name:<9} {100 * a.mean:10.1f}% ± {100 * a.std:4.1f}  {per:<{width}}  {secs:.1f} s")
         c = self.comparisons()
         lines.append("")
+        worst = _worst_classes(self.per_class)
+        if worst:
+            lines.append(worst)
         if c["bundle/teacher"] is not None:
             lines.append(f"bundle/teacher        {c['bundle/teacher']:.3f}")
         if c["bundle-hard"] is not None:
@@ -195,6 +224,19 @@ class EvalResult:
                 lines.append("  (biased towards the bundle: its projector was adapted to its own images, and without "
                              "--teacher the random subsets are labelled by it unadapted)")
         return "\n".join(lines).rstrip()
+
+
+def _worst_classes(per_class: dict[str, Any] | None, k: int = 5) -> str | None:
+    """One line naming the ``k`` classes whose held-out labels the projector gets least right."""
+    if not per_class:
+        return None
+    key, what = (("teacher_agreement", "agreement with the teacher") if per_class.get("teacher_agreement")
+                 else ("projector_top1", "top-1"))
+    pairs = sorted((v, n) for n, v in zip(per_class["classes"], per_class.get(key) or []) if v is not None)
+    if not pairs:
+        return None
+    return (f"projector {what} on the held-out images, worst classes: "
+            + ", ".join(f"{n} {100 * v:.0f}%" for v, n in pairs[:k]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -493,6 +535,45 @@ def _top1(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: 
     return float(correct[0] / correct[1].clamp_min(1))
 
 
+def _per_class(ds: DistilledDataset, teacher: nn.Module | None, images: torch.Tensor, labels: torch.Tensor,
+               device: torch.device, rank: int, world: int) -> dict[str, Any]:
+    """Per class, on the held-out images: how many there are, the projector's top-1, and its top-1
+    agreement with ``teacher`` (None without one); one forward pass of each over this rank's share,
+    counts summed over ranks (all-reduce)."""
+    num = ds.num_classes
+    counts = torch.zeros(3, num, dtype=torch.float64, device=device)  # images, projector right, agrees
+    xs, ys = images[rank::world], labels[rank::world]
+    with torch.no_grad():
+        for i in range(0, xs.shape[0], _VAL_BATCH):
+            x = xs[i:i + _VAL_BATCH].to(device, non_blocking=True).float().div_(255)
+            y = ys[i:i + _VAL_BATCH].to(device, non_blocking=True)
+            pred = ds.logits(x).argmax(1)
+            counts[0].index_add_(0, y, torch.ones_like(y, dtype=torch.float64))
+            counts[1].index_add_(0, y, (pred == y).double())
+            if teacher is not None:
+                counts[2].index_add_(0, y, (pred == teacher(x).argmax(1).to(pred.device)).double())
+    if world > 1:
+        torch.distributed.all_reduce(counts)
+    n = counts[0].tolist()
+
+    def rate(row: int) -> list[float | None]:
+        return [c / k if k else None for c, k in zip(counts[row].tolist(), n)]
+
+    return {"classes": list(ds.classes), "count": [int(k) for k in n], "projector_top1": rate(1),
+            "teacher_agreement": rate(2) if teacher is not None else None}
+
+
+def _check_plot(path) -> Path | None:
+    """``--plot``'s path checked before any model loads: matplotlib installed, a ``.png`` name, an existing
+    folder."""
+    if path is None:
+        return None
+    try:
+        return check_plot_path(path, field="--plot")
+    except InputError as e:
+        raise EvalInputError(e.message, file=e.file, field=e.field, fix=e.fix) from None
+
+
 def _train_one(
     arm: str, ds: DistilledDataset, proto: Protocol, student, seed: int, *, num_classes: int, device: torch.device,
     world, val: tuple[torch.Tensor, torch.Tensor], progress: bool,
@@ -621,6 +702,7 @@ def evaluate(
     image_size: int | None = None,
     json_path: str | os.PathLike[str] | None = None,
     record: bool = False,
+    plot: str | os.PathLike[str] | None = None,
     progress: bool = True,
     verify: bool = True,
 ) -> EvalResult:
@@ -649,6 +731,7 @@ def evaluate(
             bundle's).
         json_path: also write the result as JSON here (rank 0).
         record: append the result to the bundle manifest's ``evaluations`` (rank 0; local bundles).
+        plot: also draw the result as a PNG here (rank 0; :meth:`EvalResult.plot`; needs ``hellofmt[plot]``).
         progress: tqdm bars (rank 0).
         verify: check the bundle's hashes and probe when opening it.
 
@@ -680,9 +763,22 @@ def evaluate(
                             else teacher_weights)
     vmap = _read_class_map(val_classes, "--val-classes")
     tmap = _read_class_map(train_classes, "--train-classes") if train_classes is not None else vmap
+    plot = _check_plot(plot)
     if record and not (isinstance(bundle, (str, os.PathLike)) and os.path.isdir(bundle)):
         raise EvalInputError("--record writes into a local bundle folder; this is not one", file=str(bundle),
                              field="--record", fix="pull it first (hellofmt pull USER/NAME DIR) and evaluate DIR")
+    # What is written at the end is checked now, before any student trains: the folder --record
+    # rewrites the manifest in (a temporary file, then a rename) and the folder of --json.
+    if record and not os.access(bundle, os.W_OK | os.X_OK):
+        raise EvalInputError("--record rewrites the bundle's hellofmt.json, but the folder is not writable",
+                             file=str(bundle), field="--record",
+                             fix="evaluate a copy you can write to, or drop --record")
+    if json_path is not None:
+        parent = os.path.dirname(os.path.abspath(json_path))
+        if os.path.isdir(json_path) or not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise EvalInputError("cannot write the results here (a folder, or a folder that is missing or not "
+                                 "writable)", file=str(json_path), field="--json",
+                                 fix="give a file path in an existing folder you can write to")
     manifest = _local_manifest(bundle)
     train_listing = None
     if manifest is not None:  # a local bundle: the val classes are checked before any model loads
@@ -732,6 +828,8 @@ def evaluate(
                                                map_option="--train-classes" if train_classes is not None
                                                else "--val-classes")
 
+        per_class = _per_class(ds, ens, val_x, val_y, world.device, world.rank, world.size)
+
         # ---- train ------------------------------------------------------------------------------
         show = progress and world.is_main
         results = {a: ArmResult(a) for a in arm_list}
@@ -765,6 +863,7 @@ def evaluate(
             train_data=os.fspath(train_data) if train_data is not None else None,
             random_skipped=random_bad,
             random_adapted=None if adapt is None else ens is not None,
+            per_class=per_class,
             date=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             rank=world.rank,
         )
@@ -774,6 +873,8 @@ def evaluate(
                 Path(json_path).write_text(text + "\n", encoding="utf-8")
             if record:
                 _write_manifest_atomically(Path(ds.path), result.to_evaluation())
+            if plot is not None:
+                result.plot(plot)
         world.barrier()
         return result
     finally:

@@ -2,7 +2,9 @@
 
 A bundle directory is also the layout of its Hub dataset repository: ``hellofmt.json``, the image
 shards, ``projector.safetensors`` (and ``foundation.safetensors`` when embedded), plus a
-``README.md`` dataset card that :func:`push` writes. Everything goes through huggingface_hub, so its
+``README.md`` dataset card that :func:`push` writes, with a ``preview.png`` contact sheet embedded at its
+top and, on request, a ``viewer.parquet`` table that feeds the Hub's dataset viewer (unlisted extras:
+readers ignore them, spec section 1). Everything goes through huggingface_hub, so its
 settings apply unchanged: ``HF_TOKEN``, ``HF_ENDPOINT``, ``HF_HOME``/``HF_HUB_CACHE`` and
 ``HF_HUB_OFFLINE`` (all read by huggingface_hub once, when it is imported).
 
@@ -14,9 +16,11 @@ Every failure a user can cause (no such repository, revision, token or network) 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from .errors import (
@@ -31,10 +35,11 @@ from .errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from .manifest import CARD_NAME, MANIFEST_NAME
+from .manifest import CARD_NAME, EXTRA_NAMES, MANIFEST_NAME, PREVIEW_NAME, VIEWER_TABLE_NAME
 from .summary import format_bytes, ratio_text, summarize
 
-__all__ = ["REPO_TYPE", "is_hub_id", "parse_hub_id", "local_bundle", "pull", "push", "dataset_card"]
+__all__ = ["REPO_TYPE", "is_hub_id", "parse_hub_id", "local_bundle", "pull", "push", "dataset_card",
+           "write_viewer_table"]
 
 REPO_TYPE = "dataset"
 _HF_PREFIX = "hf://datasets/"
@@ -43,8 +48,13 @@ _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9_])?"
 _REPO_ID = re.compile(rf"^({_NAME})/({_NAME})$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _LICENSE = re.compile(r"^[a-z0-9][a-z0-9.+-]*$")
-# The Hub's own git files: never part of a bundle, so pull skips them.
+# The Hub's own git files: never part of a bundle, so pull skips them. So does it skip the Hub page's
+# preview and viewer table (the viewer table is a second copy of the images).
 _GIT_FILES = (".gitattributes", ".gitignore")
+_PAGE_FILES = (PREVIEW_NAME, VIEWER_TABLE_NAME)
+_VIEWER_ROW_GROUP = 100  # rows per Parquet row group: the Hub viewer reads images a row group at a time
+_VIEWER_CHUNK = 1024  # images decoded at a time while writing the viewer table
+_PYARROW_FIX = 'pip install pyarrow (or pip install "hellofmt[hf-datasets]", which brings it)'
 
 
 # --------------------------------------------------------------------------------------------------
@@ -331,7 +341,7 @@ def pull(
             local_dir=os.fspath(local_dir) if local_dir is not None else None,
             token=token,
             force_download=force_download,
-            ignore_patterns=list(_GIT_FILES),
+            ignore_patterns=[*_GIT_FILES, *_PAGE_FILES],
         )
     except hub_errors as e:
         _remove_created(local_dir, created)
@@ -396,13 +406,22 @@ def push(
     message: str | None = None,
     token: str | None = None,
     license: str | None = None,
+    preview: bool = True,
+    viewer_table: bool = False,
+    preview_max_bytes: int | None = None,
 ) -> str:
     """Upload the bundle at ``bundle_dir`` to the Hub dataset ``repo_id`` in one commit.
 
     The bundle is opened and every sha256 checked first: a broken bundle is refused before anything
-    is sent. The commit holds the manifest, every file it lists and a generated ``README.md``
-    dataset card (:func:`dataset_card`); ``.safetensors`` files of an earlier push that the new
-    bundle lacks are deleted in the same commit, other files are kept.
+    is sent. The commit holds the manifest, every file it lists, a generated ``README.md`` dataset
+    card (:func:`dataset_card`) and, unless ``preview=False``, the Hub page's extras (spec section 1):
+    ``preview.png``, the contact sheet embedded at the top of the card
+    (:func:`~hellofmt.show.preview_png`, downscaled to fit ``preview_max_bytes``), and with
+    ``viewer_table=True`` ``viewer.parquet`` (:func:`write_viewer_table`), which the card declares so
+    that the Hub's dataset viewer shows the images. The viewer table is a second copy of the images
+    (about the size of the shards), hence opt-in. ``.safetensors`` files of an earlier push that the
+    new bundle lacks, and extras this push does not upload, are deleted in the same commit; other
+    files are kept.
 
     Args:
         bundle_dir: the local bundle directory.
@@ -412,13 +431,17 @@ def push(
         message: the commit message (default: a one-line summary of the bundle).
         token: Hugging Face token with write access (default: the logged-in one).
         license: a Hub license id for the card's metadata (e.g. ``"apache-2.0"``, ``"cc-by-4.0"``).
+        preview: upload the preview (and the viewer table, if asked for); ``False``: the card alone.
+        viewer_table: also upload ``viewer.parquet`` for the Hub's dataset viewer (needs pyarrow).
+        preview_max_bytes: the preview PNG's cap (default :data:`~hellofmt.show.PREVIEW_MAX_BYTES`, 20 MB).
 
     Returns:
         The URL of the new commit.
 
     Raises:
         HellofmtError: the bundle's own errors (prefixed "refusing to push a broken bundle").
-        InputError: a malformed ``repo_id`` or ``license``, or ``revision`` is a commit hash.
+        InputError: a malformed ``repo_id`` or ``license``, ``revision`` is a commit hash, or
+            ``viewer_table`` without pyarrow installed.
         AuthenticationError: no token, or one without write access.
         OfflineError: no network.
         HubError: any other Hub failure.
@@ -431,33 +454,102 @@ def push(
     if revision is not None and _COMMIT.match(revision):
         raise InputError(f"cannot push to a commit ({revision}); give a branch name", field="revision")
     license = _check_license(license)
+    viewer_table = bool(viewer_table and preview)
+    if viewer_table:
+        _pyarrow()  # fail before the bundle is hashed or anything is sent
     try:
         bundle = Bundle.open(bundle_dir, verify=True)
     except HellofmtError as e:
         raise type(e)(f"refusing to push a broken bundle: {e.message}", file=e.file, field=e.field, fix=e.fix) from None
 
-    card = dataset_card(bundle, repo_id, license=license).encode("utf-8")
-    names = [MANIFEST_NAME, *sorted(bundle.manifest.files)]
-    ops: list = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(bundle.file(n))) for n in names]
-    ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card))
-
-    api = HfApi(token=token)
     m = bundle.manifest
-    message = message or (f"Upload hellofmt bundle: {m.images.count} images, {m.num_classes} classes")
-    try:
-        api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, repo_type=REPO_TYPE, branch=revision, exist_ok=True)
-        existing = api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision)
-        keep = set(names) | {CARD_NAME}
-        ops += [CommitOperationDelete(path_in_repo=p) for p in existing
-                if p not in keep and "/" not in p and p.endswith(".safetensors")]
-        info = api.create_commit(
-            repo_id, operations=ops, commit_message=message, repo_type=REPO_TYPE, revision=revision
-        )
-    except _hub_errors() as e:
-        raise _translate(e, repo_id, revision, token, writing=True) from None
+    names = [MANIFEST_NAME, *sorted(m.files)]
+    ops: list = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=str(bundle.file(n))) for n in names]
+    with tempfile.TemporaryDirectory(prefix="hellofmt-push-") as tmp:
+        sheet = None
+        if preview and PREVIEW_NAME not in m.files:  # an extra never replaces a listed file
+            from .show import PREVIEW_MAX_BYTES, preview_png  # imports torch: kept out of `import hellofmt.hub`
+
+            sheet = preview_png(bundle, max_bytes=preview_max_bytes or PREVIEW_MAX_BYTES)
+            ops.append(CommitOperationAdd(path_in_repo=PREVIEW_NAME, path_or_fileobj=sheet.data))
+        if viewer_table and VIEWER_TABLE_NAME not in m.files:
+            table = Path(tmp) / VIEWER_TABLE_NAME  # on disk: it is as large as the images
+            write_viewer_table(bundle, table)
+            ops.append(CommitOperationAdd(path_in_repo=VIEWER_TABLE_NAME, path_or_fileobj=str(table)))
+        else:
+            viewer_table = False
+        card = dataset_card(bundle, repo_id, license=license, preview=sheet, viewer_table=viewer_table)
+        ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode("utf-8")))
+        uploaded = {op.path_in_repo for op in ops}
+
+        api = HfApi(token=token)
+        message = message or (f"Upload hellofmt bundle: {m.images.count} images, {m.num_classes} classes")
+        try:
+            api.create_repo(repo_id, repo_type=REPO_TYPE, private=private, exist_ok=True)
+            if revision is not None and revision != "main":
+                api.create_branch(repo_id, repo_type=REPO_TYPE, branch=revision, exist_ok=True)
+            existing = api.list_repo_files(repo_id, repo_type=REPO_TYPE, revision=revision)
+            # Stale shards, and a preview or viewer table of an earlier push that this one does not
+            # replace: they would show another bundle's images on the page.
+            ops += [CommitOperationDelete(path_in_repo=p) for p in existing
+                    if p not in uploaded and "/" not in p and (p.endswith(".safetensors") or p in EXTRA_NAMES)]
+            info = api.create_commit(
+                repo_id, operations=ops, commit_message=message, repo_type=REPO_TYPE, revision=revision
+            )
+        except _hub_errors() as e:
+            raise _translate(e, repo_id, revision, token, writing=True) from None
     return str(info.commit_url)
+
+
+def _pyarrow():
+    """pyarrow and pyarrow.parquet (optional: they come with ``datasets``), imported only for the viewer table."""
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise InputError("the viewer table is a Parquet file, and writing it needs pyarrow, which is not installed",
+                         field="--viewer-table", fix=f"{_PYARROW_FIX}; or push without --viewer-table") from None
+    return pyarrow, pyarrow.parquet
+
+
+def write_viewer_table(bundle, out: str | os.PathLike[str]) -> int:
+    """Write the Hub viewer's table of a bundle's images to ``out`` (Parquet); return its size in bytes.
+
+    One row per image, in bundle order: ``image`` (Hugging Face's ``Image`` feature: the stored
+    pixels as PNG) and ``label`` (a ``ClassLabel`` over the bundle's classes), the layout
+    ``datasets.load_dataset("parquet", ...)`` and the Hub's dataset viewer read as an image
+    classification set. It duplicates the images (spec section 1: an unlisted extra readers ignore).
+
+    Args:
+        bundle: an opened :class:`~hellofmt.bundle.Bundle` or a bundle directory.
+        out: the Parquet file to write (replaced if it exists).
+
+    Returns:
+        The file's size in bytes.
+
+    Raises:
+        InputError: pyarrow is not installed.
+        HellofmtError: the bundle cannot be opened or its images decoded.
+    """
+    from .bundle import Bundle  # imports torch: kept out of `import hellofmt.hub`
+    from .imagestore import encode_image
+
+    pa, pq = _pyarrow()
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.open(bundle)
+    m = bundle.manifest
+    features = {"image": {"_type": "Image"}, "label": {"_type": "ClassLabel", "names": list(m.classes)}}
+    schema = pa.schema(
+        [pa.field("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), pa.field("label", pa.int64())],
+        metadata={"huggingface": json.dumps({"info": {"features": features}})},
+    )
+    with pq.ParquetWriter(os.fspath(out), schema) as writer:
+        for start in range(0, m.images.count, _VIEWER_CHUNK):
+            images, labels = bundle.read_images(start=start, stop=min(m.images.count, start + _VIEWER_CHUNK))
+            rows = {"image": [{"bytes": encode_image(x, "png"), "path": None} for x in images],
+                    "label": labels.tolist()}
+            writer.write_table(pa.table(rows, schema=schema), row_group_size=_VIEWER_ROW_GROUP)
+    return os.path.getsize(out)
 
 
 def _check_license(license: str | None) -> str | None:
@@ -495,14 +587,25 @@ def _size_category(n: int) -> str:
     return "10M<n<100M"
 
 
-def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = None) -> str:
+def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = None, preview=None,
+                 viewer_table: bool = False) -> str:
     """The ``README.md`` dataset card for a bundle (a :class:`~hellofmt.bundle.Bundle` or a path).
 
     YAML metadata (``task_categories: image-classification``, tags ``hellofmt`` and
-    ``dataset-distillation``, size category, ``license`` when given), then: the foundation model,
-    classes, images per class, codec, the label payload (projector bytes) against the soft labels
-    it replaces (images x 300 epochs x classes x 2 bytes), the fidelity metrics of
-    ``manifest.metrics``, every file with its size and sha256, and a usage snippet for ``repo_id``.
+    ``dataset-distillation``, size category, ``license`` when given; the viewer's ``configs`` when a
+    viewer table ships, else ``viewer: false``), then: the preview image when given, one line naming
+    the label payload against the stored soft labels it replaces, the foundation model, classes,
+    images per class, codec, the payload in detail (images x 300 epochs x classes x 2 bytes), the
+    fidelity metrics of ``manifest.metrics``, every recorded student evaluation as a table (or "not
+    evaluated yet" and the command to run), every file with its size and sha256, and a usage snippet
+    for ``repo_id``.
+
+    Args:
+        bundle: a :class:`~hellofmt.bundle.Bundle` or a bundle directory.
+        repo_id: the Hub id the card is for (default: the folder name; ``USER/NAME`` in the snippet).
+        license: a Hub license id for the metadata.
+        preview: the :class:`~hellofmt.show.Preview` uploaded as ``preview.png`` (None: no image).
+        viewer_table: whether ``viewer.parquet`` ships (declared in ``configs``).
     """
     from .bundle import Bundle  # imports torch: kept out of `import hellofmt.hub`
 
@@ -522,15 +625,30 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
         "tags:", "- hellofmt", "- dataset-distillation",
         "size_categories:", f"- {_size_category(im['count'])}",
     ]
+    if viewer_table:  # the viewer reads this one file; the shards and the manifest are not data files to it
+        meta += ["configs:", "- config_name: default", "  data_files:", "  - split: train",
+                 f"    path: {VIEWER_TABLE_NAME}"]
+    else:  # it would guess at the JSON manifest or the preview PNG and show those as the dataset
+        meta.append("viewer: false")
     lo, hi = im["per_class_min"], im["per_class_max"]
     ipc = f"{lo}" if lo == hi else f"{lo} to {hi} (uneven)"
     codec = f"`{im['codec']}`" + (f" (quality {im['quality']})" if im["quality"] is not None else "")
     ranks = ", ".join(map(str, pr["ranks"])) or "none"
     head = f", head rank {pr['head_rank']}" if pr["head_rank"] is not None else ""
     ratio = lp["ratio"]
-    lines = [
-        "---", *meta, "---", "",
-        f"# {_md(name)}", "",
+    lines = ["---", *meta, "---", "", f"# {_md(name)}", ""]
+    if preview is not None:
+        shown = (f"all {preview.num_classes:,} classes" if preview.classes_shown == preview.num_classes else
+                 f"{preview.classes_shown:,} of the {preview.num_classes:,} classes, evenly spaced")
+        lines += [f"![Images of {_md(name)}: {shown}]({PREVIEW_NAME})", "",
+                  f"*The images: {shown}, up to {preview.per_class} per class (the first of each), one row "
+                  f"per class with its name"
+                  + (f"; shrunk to {preview.width}x{preview.height} px to stay under the preview's size cap"
+                     if preview.scale < 1 else "") + ". `hellofmt show` draws the same sheet.*", ""]
+    lines += [
+        f"**Labels: {format_bytes(lp['projector_bytes'])} instead of {format_bytes(lp['stored_label_bytes'])}.** "
+        "A student's soft labels come from the projector's low-rank deltas, not from a stored label for every "
+        f"image in every epoch ({lp['stored_label_rule']}): {ratio_text(ratio)}.", "",
         f"A distilled image-classification dataset in the hellofmt format (HeLlO: Heavy Labels Out): "
         f"{im['count']:,} synthetic images of {m.num_classes:,} classes and **no stored labels**. Soft labels "
         "are generated on the fly, for exactly the crop, flip, CutMix or MixUp view a student sees, by a "
@@ -560,7 +678,7 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
         lines += [f"| {_md(k)} | {v:.4g} |" for k, v in sorted(m.metrics.items())]
     else:
         lines.append("The builder recorded no fidelity metrics.")
-    lines += _card_evaluations(s["evaluations"])
+    lines += _card_evaluations(s["evaluations"], repo_id or "USER/NAME")
     shown = m.classes[:1000]
     more = f", and {m.num_classes - len(shown):,} more (see `hellofmt.json`)" if m.num_classes > len(shown) else ""
     usage_id = repo_id or "USER/NAME"
@@ -579,7 +697,9 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
         "bundle also opens offline from the Hugging Face cache (`HF_HUB_OFFLINE=1`).", "",
         "## Files", "",
         "`hellofmt.json` is the manifest; it records the size and sha256 of every other file, which "
-        "hellofmt checks when it opens the bundle. This card is not part of the checked files.", "",
+        "hellofmt checks when it opens the bundle. This card and, when present, `preview.png` and `viewer.parquet` "
+        "are not among the checked files: they are for this page, and hellofmt ignores them (`hellofmt pull` "
+        "skips the last two).", "",
         "| file | bytes | sha256 |", "|---|---:|---|",
     ]
     lines += [f"| `{n}` | {e.size:,} | `{e.sha256}` |" for n, e in sorted(m.files.items())]
@@ -591,23 +711,38 @@ def dataset_card(bundle, repo_id: str | None = None, *, license: str | None = No
     return "\n".join(lines)
 
 
-def _card_evaluations(evaluations: list[dict]) -> list[str]:
-    """The card's "Student evaluations" section, from :func:`~hellofmt.summary.summarize`'s ``evaluations``."""
+def _card_evaluations(evaluations: list[dict], repo_id: str) -> list[str]:
+    """The card's "Student evaluations" section, from :func:`~hellofmt.summary.summarize`'s ``evaluations``:
+    a table of every recorded evaluation, or "not evaluated yet" and the commands that record one."""
+    out = ["", "## Student evaluations", ""]
     if not evaluations:
-        return []
+        return out + [
+            "Not evaluated yet: no student evaluation is recorded in this bundle. What it is worth to a student "
+            "(its labels against hard labels, the teacher and a random real subset, over several seeds) is "
+            "measured, and recorded for this card, with:", "",
+            "```bash",
+            f"hellofmt pull {repo_id} BUNDLE",
+            "hellofmt eval BUNDLE --val VAL_DIR --teacher TEACHER --train-data TRAIN_DIR --record",
+            f"hellofmt push BUNDLE {repo_id}",
+            "```",
+        ]
     arms = [a for a in ("bundle", "hard", "teacher", "random") if any(a in e["arms"] for e in evaluations)]
     arms += sorted({a for e in evaluations for a in e["arms"]} - set(arms))
-    out = ["", "## Student evaluations", "",
-           "Students trained on the same views, steps and seeds with each labelling (`hellofmt eval`): the bundle's "
-           "labels, hard labels, the teacher online (upper bound) and a random real subset of the same size "
-           "labelled by the same projector (the control). Top-1 on held-out images, mean ± std over seeds.", "",
-           "| protocol | student | seeds | val images | " + " | ".join(arms) + " | IOR (bundle - random) |",
-           "|---|---|---:|---:|" + "---:|" * len(arms) + "---:|"]
+    out += ["Students trained on the same views, steps and seeds with each labelling (`hellofmt eval`): the "
+            "bundle's labels, hard labels, the teacher online (upper bound) and a random real subset of the same "
+            "size labelled by the same projector (the control). Top-1 (%) on held-out images, mean ± std over "
+            "seeds; bundle − hard is what the soft labels add, IOR (bundle − random) what the distilled images "
+            "add over random real ones, both in points.", "",
+            "| protocol | student | seeds | val images | " + " | ".join(arms)
+            + " | bundle/teacher | bundle − hard | IOR (bundle − random) |",
+            "|---|---|---:|---:|" + "---:|" * len(arms) + "---:|---:|---:|"]
     for e in evaluations:
         cells = [f"{100 * e['arms'][a]['mean']:.1f} ± {100 * e['arms'][a]['std']:.1f}" if a in e["arms"] else "-"
                  for a in arms]
-        ior = e["comparisons"].get("ior")
+        c = e["comparisons"]
+        ratio = f"{c['bundle/teacher']:.3f}" if c.get("bundle/teacher") is not None else "-"
+        points = [f"{100 * c[k]:+.1f}" if c.get(k) is not None else "-" for k in ("bundle-hard", "ior")]
         val = f"{e['val_count']:,}" if e.get("val_count") is not None else "-"
         out.append(f"| {_md(e['protocol'])} | {_md(e['student'])} | {len(e['seeds'])} | {val} | "
-                   + " | ".join(cells) + f" | {f'{100 * ior:+.1f}' if ior is not None else '-'} |")
+                   + " | ".join([*cells, ratio, *points]) + " |")
     return out

@@ -11,20 +11,25 @@ an older reader loses nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .errors import FormatVersionError, ManifestError, UnsafeFileNameError
+from .errors import FormatVersionError, ManifestDigestError, ManifestError, UnsafeFileNameError
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
     "CARD_NAME",
+    "PREVIEW_NAME",
+    "VIEWER_TABLE_NAME",
+    "EXTRA_NAMES",
     "PROJECTOR_FILE",
     "FOUNDATION_FILE",
     "MAX_MANIFEST_BYTES",
@@ -51,14 +56,28 @@ __all__ = [
     "Probe",
     "Evaluation",
     "Manifest",
+    "DIGEST_FIELD",
+    "MissingDigestWarning",
+    "canonical_manifest",
+    "manifest_digest",
+    "check_manifest_digest",
 ]
 
 FORMAT_NAME = "hellofmt"
 # The newest version this hellofmt reads and writes; a bundle declares the lowest it needs (spec 8).
-FORMAT_VERSION = "2.0"
+FORMAT_VERSION = "2.1"
 FORMAT_MAJOR = 2
+# The manifest digest (spec 2.1): the top-level field holding the sha256 of the manifest's canonical
+# form. It is new in MINOR 1 of each MAJOR (1.1, 2.1): a manifest declaring MAJOR.1 or later MUST
+# carry it, so a bit flip that renames the field is refused rather than read as an older bundle.
+DIGEST_FIELD = "manifest_sha256"
+DIGEST_MINOR = 1
 MANIFEST_NAME = "hellofmt.json"
 CARD_NAME = "README.md"  # the dataset card: written by push, neither listed in the manifest nor hashed
+PREVIEW_NAME = "preview.png"  # the card's contact sheet (push): unlisted, unhashed, ignored by readers
+VIEWER_TABLE_NAME = "viewer.parquet"  # the Hub viewer's copy of the images (push --viewer-table): likewise
+# The unlisted files a bundle may carry (spec section 1): for people and the Hub page, never read as data.
+EXTRA_NAMES = (CARD_NAME, PREVIEW_NAME, VIEWER_TABLE_NAME)
 PROJECTOR_FILE = "projector.safetensors"  # the low-rank deltas (the manifest's projector.file default)
 FOUNDATION_FILE = "foundation.safetensors"  # embedded foundation weights
 
@@ -726,6 +745,9 @@ class Manifest:
     class_folders: list[str] | None = None  # the image-folder name of each class, when built from folders
     format: str = FORMAT_NAME
     format_version: str = FORMAT_VERSION
+    # The digest read from the file (None: an older bundle without one). Never written back as it is:
+    # to_json computes a fresh one over what it writes.
+    manifest_sha256: str | None = field(default=None, compare=False)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -734,17 +756,40 @@ class Manifest:
 
     # ---- JSON ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
+        """The manifest as JSON values, without its digest (:meth:`to_json` adds a fresh one)."""
         d = _to_dict(self)
+        d.pop(DIGEST_FIELD, None)
         d["files"] = {k: _to_dict(v) for k, v in sorted(self.files.items())}
         if not self.evaluations:  # optional: a bundle nobody evaluated keeps the field absent
             d.pop("evaluations", None)
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        """The manifest as written to ``hellofmt.json``: pretty JSON ending with its ``manifest_sha256``,
+        computed over exactly the text written (spec 2.1). A manifest that carries a digest declares
+        at least ``MAJOR.1``, whose readers require one, so the written ``format_version`` is raised to
+        that when it is lower; the in-memory object is left as it is."""
+        d = self.to_dict()
+        d["format_version"] = digest_format_version(d["format_version"])
+        text = json.dumps(d, indent=2, ensure_ascii=False, allow_nan=False)
+        d[DIGEST_FIELD] = manifest_digest(text)
+        return json.dumps(d, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes, file: str | None = None) -> Manifest:
+    def from_json(cls, text: str | bytes, file: str | None = None, *, check_digest: bool = True) -> Manifest:
+        """Parse and validate ``hellofmt.json``'s text, checking its digest first (spec 2.1).
+
+        Args:
+            text: the file's bytes (or text).
+            file: the path to name in errors.
+            check_digest: check ``manifest_sha256`` (a mismatch raises ManifestDigestError; a manifest
+                of version 1.0 or 2.0 without one gives a MissingDigestWarning). Turned off only to
+                report on a manifest whose digest was already found wrong (``hellofmt info``,
+                ``hellofmt verify``) or to re-seal one edited on purpose (``--fix-digest``).
+
+        Raises:
+            ManifestError: the text is not a valid manifest (ManifestDigestError: its digest).
+        """
         if isinstance(text, bytes):
             if len(text) > MAX_MANIFEST_BYTES:
                 raise ManifestError(
@@ -754,34 +799,20 @@ class Manifest:
                 text = text.decode("utf-8")
             except UnicodeDecodeError as e:
                 raise ManifestError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=file) from None
-        try:
-            obj = json.loads(text, parse_constant=_reject_constant)
-        except (json.JSONDecodeError, ValueError, RecursionError) as e:
-            # RecursionError: hostile nesting ("[[[[..."), which json.loads does not turn into a ValueError
-            raise ManifestError(f"not valid JSON: {type(e).__name__}: {str(e)[:200]}", file=file,
-                                fix="the manifest must be a JSON object") from None
+        obj = _load_json(text, file)
+        if check_digest:
+            _check_version(obj, file)  # a newer MAJOR may define its digest otherwise: "upgrade" first
+            check_manifest_digest(obj, text, file)
         return cls.from_dict(obj, file=file)
 
     @classmethod
     def from_dict(cls, obj: Any, file: str | None = None) -> Manifest:
+        """Validate parsed JSON values as a manifest. The digest is not checked here (it needs the
+        text: :meth:`from_json`); its value is kept in ``manifest_sha256`` if well-formed."""
         _check_finite(obj, file)
+        fmt, version = _check_version(obj, file)
         r = _Reader(obj, "", file)
-        fmt = r.str("format")
-        if fmt != FORMAT_NAME:
-            raise r.error("format", f"expected {FORMAT_NAME!r}, got {fmt!r}", "this is not a hellofmt bundle")
-        version = r.str("format_version")
-        m = _VERSION.match(version)
-        if not m:
-            raise r.error("format_version", f"expected 'MAJOR.MINOR', got {version!r}")
-        if int(m.group(1)) > FORMAT_MAJOR:
-            raise FormatVersionError(
-                f"format version {version} is newer than this hellofmt reads ({FORMAT_VERSION})",
-                file=file,
-                field="format_version",
-                fix="upgrade hellofmt: pip install -U hellofmt",
-            )
-        if int(m.group(1)) < 1:
-            raise r.error("format_version", f"unknown format version {version}")
+        digest = obj.get(DIGEST_FIELD)
         classes = r.str_list("classes", nonempty=True)
         if len(classes) > MAX_CLASSES:
             raise r.error("classes", f"{len(classes)} classes is over the limit of {MAX_CLASSES}")
@@ -816,6 +847,7 @@ class Manifest:
                 Evaluation.parse(_Reader(e, f"evaluations[{i}]", file))
                 for i, e in enumerate(r.list("evaluations", required=False) or [])
             ],
+            manifest_sha256=digest if isinstance(digest, str) and _HEX64.match(digest) else None,
             extra=r.extra(_names(cls)),
         )
         man._check_cross_fields(file)
@@ -871,6 +903,183 @@ class Manifest:
                         file=file,
                         field=f"probe.views[{i}].topk_indices",
                     )
+
+
+class MissingDigestWarning(UserWarning):
+    """A manifest of format 1.0 or 2.0 has no ``manifest_sha256`` (written before hellofmt 0.3):
+    it opens, unchecked; ``hellofmt verify --fix-digest`` adds one."""
+
+
+def _check_version(obj: Any, file: str | None) -> tuple[str, str]:
+    """``format`` and ``format_version``, checked: a newer MAJOR raises FormatVersionError."""
+    r = _Reader(obj, "", file)
+    fmt = r.str("format")
+    if fmt != FORMAT_NAME:
+        raise r.error("format", f"expected {FORMAT_NAME!r}, got {fmt!r}", "this is not a hellofmt bundle")
+    version = r.str("format_version")
+    m = _VERSION.match(version)
+    if not m:
+        raise r.error("format_version", f"expected 'MAJOR.MINOR', got {version!r}")
+    if int(m.group(1)) > FORMAT_MAJOR:
+        raise FormatVersionError(
+            f"format version {version} is newer than this hellofmt reads ({FORMAT_VERSION})",
+            file=file,
+            field="format_version",
+            fix="upgrade hellofmt: pip install -U hellofmt",
+        )
+    if int(m.group(1)) < 1:
+        raise r.error("format_version", f"unknown format version {version}")
+    return fmt, version
+
+
+def digest_format_version(version: str) -> str:
+    """The version a manifest carrying a digest declares: ``version``, raised to ``MAJOR.1`` when
+    lower (1.0 -> 1.1, 2.0 -> 2.1), the first MINOR whose readers require the digest (spec 8)."""
+    major, minor = _version_key(version)
+    return f"{major}.{max(minor, DIGEST_MINOR)}"
+
+
+class _Number(str):
+    """A JSON number kept as its exact text, for the canonical form (spec 2.1)."""
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out: dict = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+def _duplicate_error(key: str, file: str | None) -> ManifestError:
+    if key == DIGEST_FIELD:
+        return ManifestDigestError("the manifest holds two digests", file=file, field=DIGEST_FIELD,
+                                   fix=_digest_fix(file))
+    return ManifestError(f"the key {key!r} appears twice in one object", file=file, field=key,
+                         fix="a manifest names each field once: get the bundle again")
+
+
+def _load_json(text: str | bytes, file: str | None, *, exact_numbers: bool = False) -> Any:
+    """Parse manifest text, refusing NaN/Infinity and a key repeated in an object. With
+    ``exact_numbers`` every number is kept as its text (:class:`_Number`), for the digest."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ManifestError(f"not UTF-8 text ({e.reason} at byte {e.start})", file=file) from None
+    hooks = {"parse_int": _Number, "parse_float": _Number} if exact_numbers else {}
+    try:
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys, **hooks)
+    except _DuplicateKey as e:
+        raise _duplicate_error(e.key, file) from None
+    except (json.JSONDecodeError, ValueError, RecursionError) as e:
+        # RecursionError: hostile nesting ("[[[[..."), which json.loads does not turn into a ValueError
+        raise ManifestError(f"not valid JSON: {type(e).__name__}: {str(e)[:200]}", file=file,
+                            fix="the manifest must be a JSON object") from None
+
+
+def _canonical(v: Any, out: list[str]) -> None:
+    if isinstance(v, dict):
+        out.append("{")
+        for i, k in enumerate(sorted(v)):  # code point order (= the UTF-8 bytes' order)
+            out.append("," if i else "")
+            out.append(json.dumps(k, ensure_ascii=False))
+            out.append(":")
+            _canonical(v[k], out)
+        out.append("}")
+    elif isinstance(v, list):
+        out.append("[")
+        for i, x in enumerate(v):
+            out.append("," if i else "")
+            _canonical(x, out)
+        out.append("]")
+    elif isinstance(v, _Number):
+        out.append(str(v))
+    elif isinstance(v, str):
+        out.append(json.dumps(v, ensure_ascii=False))
+    elif v is True or v is False or v is None:
+        out.append({True: "true", False: "false", None: "null"}[v])
+    else:  # parsed with exact_numbers, nothing else can occur
+        raise TypeError(f"unexpected {type(v).__name__} in a parsed manifest")
+
+
+def canonical_manifest(text: str | bytes, file: str | None = None) -> bytes:
+    """The canonical form of a manifest's text (spec 2.1), over which ``manifest_sha256`` is computed:
+    the top-level ``manifest_sha256`` member removed; objects with their members sorted by key in
+    code point order; no whitespace; every number exactly as written in the file; strings with only
+    ``"``, ``\\`` and U+0000..U+001F escaped (``\\b \\f \\n \\r \\t``, else ``\\u00xx``); UTF-8.
+
+    Raises:
+        ManifestError: the text is not JSON, repeats a key, or holds a lone surrogate.
+    """
+    obj = _load_json(text, file, exact_numbers=True)
+    if isinstance(obj, dict):
+        obj.pop(DIGEST_FIELD, None)
+    out: list[str] = []
+    try:
+        _canonical(obj, out)
+        return "".join(out).encode("utf-8")
+    except RecursionError:
+        raise ManifestError("nested too deeply", file=file, fix="the manifest is corrupt or hostile") from None
+    except UnicodeEncodeError as e:
+        raise ManifestError(f"a string holds a lone surrogate ({e.object[e.start:e.end]!r})", file=file,
+                            fix="the manifest is corrupt: get the bundle again") from None
+
+
+def manifest_digest(text: str | bytes, file: str | None = None) -> str:
+    """``manifest_sha256`` of a manifest's text: the sha256 (lowercase hex) of :func:`canonical_manifest`."""
+    return hashlib.sha256(canonical_manifest(text, file)).hexdigest()
+
+
+def _digest_fix(file: str | None) -> str:
+    where = os.path.dirname(file) if file else ""
+    return (f"if you edited it on purpose, run `hellofmt verify --fix-digest {where or 'BUNDLE'}`; "
+            "otherwise get the bundle again")
+
+
+def check_manifest_digest(obj: Any, text: str | bytes, file: str | None = None) -> str | None:
+    """Check ``manifest_sha256`` of a parsed manifest ``obj`` against its ``text`` (spec 2.1).
+
+    Returns:
+        The digest, or None for a manifest of version MAJOR.0 without one (a MissingDigestWarning is
+        given: it opens unchecked).
+
+    Raises:
+        ManifestDigestError: the digest does not match (the manifest changed after it was written),
+            is not 64 lowercase hex characters, or is missing from a manifest of version MAJOR.1 or later.
+    """
+    if not isinstance(obj, dict):
+        return None  # from_dict refuses it, naming the root
+    digest = obj.get(DIGEST_FIELD)
+    version = obj.get("format_version")
+    m = _VERSION.match(version) if isinstance(version, str) else None
+    if digest is None:
+        if m and int(m.group(2)) >= DIGEST_MINOR:
+            raise ManifestDigestError(
+                f"missing, but format_version {version} requires it: the manifest changed after it was written",
+                file=file, field=DIGEST_FIELD, fix=_digest_fix(file))
+        warnings.warn(f"{file or MANIFEST_NAME}: {DIGEST_FIELD}: the manifest has no digest (written before "
+                      f"hellofmt 0.3), so a change to it cannot be detected; add one with "
+                      f"`hellofmt verify --fix-digest {os.path.dirname(file) if file else 'BUNDLE'}`",
+                      MissingDigestWarning, stacklevel=3)
+        return None
+    if not isinstance(digest, str) or not _HEX64.match(digest):
+        shown = f"{len(digest)} characters" if isinstance(digest, str) else _kind(digest)
+        raise ManifestDigestError(f"expected 64 lowercase hex characters, got {shown}: the manifest changed after "
+                                  "it was written", file=file, field=DIGEST_FIELD, fix=_digest_fix(file))
+    got = manifest_digest(text, file)
+    if got != digest:
+        raise ManifestDigestError(
+            f"the manifest changed after it was written: its canonical form has sha256 {got[:16]}..., "
+            f"the manifest says {digest[:16]}...", file=file, field=DIGEST_FIELD, fix=_digest_fix(file))
+    return digest
 
 
 def _version_key(version: str) -> tuple[int, int]:

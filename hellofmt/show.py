@@ -14,8 +14,10 @@ and ``hellofmt build --images DIR`` reads them back unchanged.
 from __future__ import annotations
 
 import difflib
+import io
 import os
 import re
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +27,18 @@ from PIL import Image, ImageDraw, ImageFont
 from .bundle import Bundle
 from .errors import InputError
 
-__all__ = ["SheetLayout", "class_folder_names", "contact_sheet", "export_images", "resolve_classes",
-           "write_contact_sheet"]
+__all__ = ["PREVIEW_MAX_BYTES", "PREVIEW_MAX_CLASSES", "Preview", "SheetLayout", "class_folder_names",
+           "contact_sheet", "export_images", "preview_png", "resolve_classes", "write_contact_sheet"]
 
 GAP = 2  # pixels between tiles and rows
 MIN_TILE = 64  # smaller images are enlarged to this side, so a 32-px image is visible
 MAX_TILE = 160  # larger ones are shrunk to this side, so a row of 8 fits a screen
 MAX_LABEL = 240  # the label column's widest, in pixels (longer names are cut with "...")
+# The Hub page's preview (hellofmt push): a sheet of at most this many classes (evenly spaced over the
+# label order; ImageNet's 1,000 rows would be a 160,000-pixel-tall strip), shrunk until its PNG fits the cap.
+PREVIEW_MAX_CLASSES = 32
+PREVIEW_MAX_BYTES = 20 * 1000 * 1000
+_PREVIEW_MIN_BYTES = 1000  # a smaller cap cannot hold a legible PNG of any sheet
 _BACKGROUND = (255, 255, 255)
 _INK = (20, 20, 20)
 
@@ -210,6 +217,73 @@ def write_contact_sheet(
     return layout
 
 
+@dataclass
+class Preview:
+    """The PNG :func:`preview_png` made: its bytes, pixel size, the classes shown (of how many), the
+    images per row, and ``scale`` (1.0, or the factor the sheet was shrunk by to fit the byte cap)."""
+
+    data: bytes
+    width: int
+    height: int
+    classes_shown: int
+    num_classes: int
+    per_class: int
+    scale: float = 1.0
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def preview_png(
+    bundle: Bundle | str | os.PathLike[str],
+    *,
+    max_bytes: int = PREVIEW_MAX_BYTES,
+    max_classes: int = PREVIEW_MAX_CLASSES,
+    per_class: int = 8,
+) -> Preview:
+    """The contact sheet ``hellofmt push`` shows at the top of the Hub card, as PNG bytes under a cap.
+
+    The sheet is :func:`contact_sheet`'s, of every class when there are at most ``max_classes``, else of
+    ``max_classes`` classes evenly spaced over the label order. A PNG larger than ``max_bytes`` is
+    downscaled (smoothly, by the square root of the excess and a margin, until it fits), never
+    uploaded as it is.
+
+    Args:
+        bundle: an opened :class:`~hellofmt.bundle.Bundle` or a bundle directory.
+        max_bytes: the most bytes the PNG may have (default 20 MB).
+        max_classes: the most class rows the sheet shows.
+        per_class: images per row (the first ones of each class).
+
+    Returns:
+        A :class:`Preview`.
+
+    Raises:
+        InputError: ``max_bytes`` below 1000 or ``max_classes`` below 1.
+    """
+    if not isinstance(bundle, Bundle):
+        bundle = Bundle.open(bundle)
+    if max_bytes < _PREVIEW_MIN_BYTES:
+        raise InputError(f"a preview cap of {max_bytes} bytes cannot hold a legible PNG", field="preview_max_bytes",
+                         fix=f"give at least {_PREVIEW_MIN_BYTES} bytes (default {PREVIEW_MAX_BYTES:,})")
+    if max_classes < 1:
+        raise InputError(f"expected at least 1 class in the preview, got {max_classes}", field="max_classes")
+    n = bundle.manifest.num_classes
+    rows = list(range(n)) if n <= max_classes else sorted({i * n // max_classes for i in range(max_classes)})
+    sheet, layout = _draw(bundle, rows, per_class, None)
+    data, img, scale = _png(sheet), sheet, 1.0
+    while len(data) > max_bytes and min(img.size) > 1:
+        # PNG bytes grow about with the pixel count: shrink both sides by the square root of the excess.
+        scale *= min(0.9, 0.95 * (max_bytes / len(data)) ** 0.5)
+        size = (max(1, round(sheet.width * scale)), max(1, round(sheet.height * scale)))
+        img = sheet.resize(size, Image.LANCZOS)
+        data = _png(img)
+    return Preview(data=data, width=img.width, height=img.height, classes_shown=len(rows), num_classes=n,
+                   per_class=layout.columns, scale=scale)
+
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -275,10 +349,19 @@ def export_images(bundle: Bundle | str | os.PathLike[str], out_dir: str | os.Pat
     folders = class_folder_names(m.classes, m.class_folders)
     images, labels = bundle.read_images()  # decode everything first: a bad bundle leaves no half-written folder
     counts = dict.fromkeys(folders, 0)
-    for f in folders:
-        (out / f).mkdir(parents=True, exist_ok=True)
-    for img, c in zip(images, labels.tolist()):
-        f = folders[c]
-        Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB").save(out / f / f"{counts[f]:05d}.png", format="PNG")
-        counts[f] += 1
+    created = not out.exists()  # else an empty folder of the user's: kept, emptied again on failure
+    try:
+        for f in folders:
+            (out / f).mkdir(parents=True, exist_ok=True)
+        for img, c in zip(images, labels.tolist()):
+            f = folders[c]
+            Image.fromarray(img.permute(1, 2, 0).numpy(), "RGB").save(out / f / f"{counts[f]:05d}.png", format="PNG")
+            counts[f] += 1
+    except BaseException:  # a full disk, an interrupt: remove what this run wrote, nothing else
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            for f in folders:
+                shutil.rmtree(out / f, ignore_errors=True)
+        raise
     return counts

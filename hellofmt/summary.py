@@ -39,7 +39,7 @@ DEFAULT_MAX_CLASSES = 100  # classes ``hellofmt info`` lists by default (--max-c
 _WIDTH = 110  # text width of the wrapped lines of format_summary
 _LABEL = 12  # width of format_summary's label column
 # metric name endings that are counts (shown and given in JSON as integers) or fractions (shown in percent)
-_COUNT_ENDINGS = ("steps", "resumed_from", "count", "views")
+_COUNT_ENDINGS = ("steps", "resumed_from", "count", "views", "_images", "_classes")
 _FRACTION_ENDINGS = ("agreement", "top1", "confidence", "accuracy", "fraction")
 # the builder's stages, in the order format_summary shows their metrics (others follow, sorted)
 _STAGES = ("distill", "images", "refine", "delta_encoding")
@@ -104,6 +104,7 @@ def summarize(bundle: Bundle) -> dict:
     return {
         "path": str(bundle.path),
         "format_version": m.format_version,
+        "manifest_sha256": m.manifest_sha256,  # None: an older manifest without a digest
         "num_classes": m.num_classes,
         "classes": list(m.classes),
         "images": {
@@ -229,6 +230,9 @@ def format_metric(name: str, value: float) -> str:
 
 def _wrap(label: str, text: str) -> list[str]:
     """``text`` wrapped under a ``label`` column (continuation lines indented to the values)."""
+    if len(label) >= _LABEL:  # a label wider than its column ("delta encoding") gets a line of its own
+        return [label] + textwrap.wrap(text, _WIDTH, initial_indent=" " * _LABEL, subsequent_indent=" " * _LABEL,
+                                       break_long_words=False, break_on_hyphens=False)
     return textwrap.wrap(text, _WIDTH, initial_indent=f"{label:<{_LABEL - 1}} ", subsequent_indent=" " * _LABEL,
                          break_long_words=False, break_on_hyphens=False) or [label]
 
@@ -388,6 +392,8 @@ def _stage_lines(metrics: dict) -> list[str]:
         stage, _, rest = k.partition(".")  # stage times keep the build's order, the rest sorts by name
         if stage == "fidelity" or k == "distill.train_agreement":
             continue
+        if k.endswith("resumed_from") and not metrics[k]:  # a fresh build resumed from nothing: say nothing
+            continue
         if stage == "time":
             times.append(f"{rest.removesuffix('_s')} {format_metric(k, metrics[k])}")
             continue
@@ -403,9 +409,10 @@ def _stage_lines(metrics: dict) -> list[str]:
 
 
 def _evaluation_lines(evaluations: list[dict]) -> list[str]:
-    """Recorded student evaluations: per arm mean ± std over seeds, then the comparisons."""
+    """Recorded student evaluations, one line each: the setting, per arm mean ± std over seeds, then the
+    comparisons (long lines are not wrapped, so that each evaluation stays one line to grep)."""
     if not evaluations:
-        return []
+        return ["evaluations none recorded (hellofmt eval BUNDLE --val DIR --record)"]
     out = ["evaluations student top-1 on held-out images, mean ± std over seeds (hellofmt eval --record)"]
     for e in evaluations:
         head = f"{e['protocol']}, student {e['student']}, {len(e['seeds'])} seed(s)"
@@ -413,19 +420,15 @@ def _evaluation_lines(evaluations: list[dict]) -> list[str]:
             head += f", {e['val_count']:,} val images"
         if e.get("date"):
             head += f", {e['date']}"
-        out.append(f"  {head}")
-        arms = ", ".join(f"{k} {100 * a['mean']:.1f}% ± {100 * a['std']:.1f}" for k, a in e["arms"].items())
-        out += textwrap.wrap(arms, _WIDTH, initial_indent="    ", subsequent_indent="    ")
+        parts = [", ".join(f"{k} {100 * a['mean']:.1f}% ± {100 * a['std']:.1f}" for k, a in e["arms"].items())]
         c = e.get("comparisons") or {}
-        comp = []
-        if c.get("ior") is not None:
-            comp.append(f"IOR (bundle - random) {100 * c['ior']:+.1f} points")
-        if c.get("bundle-hard") is not None:
-            comp.append(f"bundle - hard {100 * c['bundle-hard']:+.1f} points")
         if c.get("bundle/teacher") is not None:
-            comp.append(f"bundle/teacher {c['bundle/teacher']:.3f}")
-        if comp:
-            out.append("    " + ", ".join(comp))
+            parts.append(f"bundle/teacher {c['bundle/teacher']:.3f}")
+        if c.get("bundle-hard") is not None:
+            parts.append(f"bundle - hard {100 * c['bundle-hard']:+.1f} points")
+        if c.get("ior") is not None:
+            parts.append(f"IOR (bundle - random) {100 * c['ior']:+.1f} points")
+        out.append(f"  {head}: " + "; ".join(parts))
     return out
 
 
@@ -442,8 +445,11 @@ def format_verified(summary: dict, *, probe_checked: bool) -> str:
     s = summary
     im, pr = s["images"], s["projector"]
     emb = s.get("embedded_foundation")
+    digest = s.get("manifest_sha256")
     lines = [
         f"{s['path']}: ok",
+        "  manifest    " + (f"its canonical form matches its manifest_sha256 ({digest[:16]}...)" if digest else
+                            "no manifest_sha256 (hellofmt verify --fix-digest adds one)"),
         f"  files       {len(s['files'])} files, {s['total_bytes']:,} bytes ({format_bytes(s['total_bytes'])}): "
         "each one's size and sha256 as the manifest lists them, and no unlisted file",
         f"  images      {im['count']:,} images decoded ({im['width']}x{im['height']} {im['codec']}, "

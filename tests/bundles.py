@@ -261,3 +261,28 @@ def projector_logit_scale(projector) -> float:
         if isinstance(v, torch.Tensor) and v.numel() == 1:
             return float(v)
     return float(projector.clip.logit_scale.exp())
+
+
+# ---- edited manifests ----------------------------------------------------------------------------
+def reseal(text: str) -> str:
+    """Give edited manifest text a matching ``manifest_sha256``, as an attacker (or a user who then runs
+    ``hellofmt verify --fix-digest``) can: the digest proves integrity, not authorship. So a test that
+    edits a manifest on purpose reaches the check it targets instead of the digest check."""
+    import re
+
+    from hellofmt.manifest import DIGEST_FIELD, manifest_digest
+
+    digest = manifest_digest(text)
+    new, n = re.subn(rf'"{DIGEST_FIELD}":\s*"[0-9a-f]*"', f'"{DIGEST_FIELD}": "{digest}"', text)
+    if n == 0:  # no digest yet: add one as the last member of the top-level object
+        body = text.rstrip()
+        new = f'{body[:-1].rstrip()}, "{DIGEST_FIELD}": "{digest}"}}\n'
+    return new
+
+
+def write_manifest(bundle: Path, manifest: dict | str) -> None:
+    """Write ``bundle/hellofmt.json`` from edited JSON values or text, resealed (:func:`reseal`)."""
+    import json
+
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    (Path(bundle) / "hellofmt.json").write_text(reseal(text))

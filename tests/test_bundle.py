@@ -22,7 +22,7 @@ from hellofmt.errors import (
 from hellofmt.manifest import MANIFEST_NAME
 from hellofmt.verify import verify_bundle
 
-from bundles import DEFAULT_TARGETS, make_format_bundle, make_manifest, projector_tensors, smooth_images
+from bundles import DEFAULT_TARGETS, make_format_bundle, make_manifest, projector_tensors, smooth_images, write_manifest
 
 
 def snapshot(root):
@@ -181,7 +181,7 @@ def test_per_class_counts_are_checked_against_labels(tmp_path):
     path = make_format_bundle(tmp_path / "b")
     obj = json.loads((path / MANIFEST_NAME).read_text())
     obj["images"]["per_class"] = [3, 1, 2]
-    (path / MANIFEST_NAME).write_text(json.dumps(obj))
+    write_manifest(path, obj)
     with pytest.raises(ImageStoreError, match="per-class"):
         Bundle.open(path).read_images()
 

@@ -12,7 +12,7 @@ from hellofmt.bundle import Bundle
 from hellofmt.cli import main
 from hellofmt.summary import format_bytes, summarize
 
-from bundles import make_format_bundle
+from bundles import make_format_bundle, write_manifest
 
 
 @pytest.fixture
@@ -45,7 +45,7 @@ def test_info_json_label_payload(runner, bundle):
     r = runner.invoke(main, ["info", str(bundle), "--json"])
     assert r.exit_code == 0, r.output
     s = json.loads(r.output)
-    assert s == summarize(Bundle.open(bundle))
+    assert s == {**summarize(Bundle.open(bundle)), "problems": []}  # a sound bundle: no problems
     proj = (bundle / "projector.safetensors").stat().st_size
     lp = s["label_payload"]
     assert lp["projector_bytes"] == proj
@@ -102,7 +102,7 @@ def test_a_manifest_file_points_to_its_folder(runner, bundle, command):
 
 
 def _decorate(bundle, **fields):
-    """Add manifest fields a builder or `hellofmt eval --record` writes (the manifest is not hashed)."""
+    """Add manifest fields a builder or `hellofmt eval --record` writes (resealed: see bundles.reseal)."""
     p = bundle / "hellofmt.json"
     obj = json.loads(p.read_text())
     for k, v in fields.items():
@@ -110,7 +110,7 @@ def _decorate(bundle, **fields):
             obj["provenance"].update(v if k == "extra" else {"teachers": v})
         else:
             obj[k] = v
-    p.write_text(json.dumps(obj))
+    write_manifest(bundle, obj)
     return bundle
 
 
@@ -177,15 +177,28 @@ def test_info_and_card_show_evaluations(runner, bundle):
 
     _decorate(bundle, evaluations=[EVALUATION])
     out = runner.invoke(main, ["info", str(bundle)]).output
-    assert "quick, student convnet, 3 seed(s), 800 val images" in out
-    assert "bundle 61.0% ± 1.0, hard 50.7% ± 1.2, teacher 70.3% ± 0.6, random 58.0% ± 1.0" in out
-    assert "IOR (bundle - random) +3.0 points, bundle - hard +10.3 points, bundle/teacher 0.867" in out
+    line = ("  quick, student convnet, 3 seed(s), 800 val images, 2026-01-02T00:00:00Z: bundle 61.0% ± 1.0, "
+            "hard 50.7% ± 1.2, teacher 70.3% ± 0.6, random 58.0% ± 1.0; bundle/teacher 0.867; bundle - hard +10.3 "
+            "points; IOR (bundle - random) +3.0 points")
+    assert line in out.splitlines()  # one line per evaluation
+    _decorate(bundle, evaluations=[EVALUATION, {**EVALUATION, "protocol": "rded", "arms": {"hard": [0.5]},
+                                                "seeds": [0]}])
+    lines = runner.invoke(main, ["info", str(bundle)]).output.splitlines()
+    assert line in lines and "  rded, student convnet, 1 seed(s), 800 val images, 2026-01-02T00:00:00Z: hard " \
+        "50.0% ± 0.0" in lines
+    _decorate(bundle, evaluations=[])
+    assert "evaluations none recorded (hellofmt eval BUNDLE --val DIR --record)" in \
+        runner.invoke(main, ["info", str(bundle)]).output
+    _decorate(bundle, evaluations=[EVALUATION])
     s = json.loads(runner.invoke(main, ["info", str(bundle), "--json"]).output)
     assert s["evaluations"][0]["arms"]["bundle"]["mean"] == pytest.approx(0.61)
     assert s["evaluations"][0]["comparisons"]["ior"] == pytest.approx(0.03)
     card = dataset_card(bundle, "user/b")
     assert "## Student evaluations" in card
-    assert "| quick | convnet | 3 | 800 | 61.0 ± 1.0 | 50.7 ± 1.2 | 70.3 ± 0.6 | 58.0 ± 1.0 | +3.0 |" in card
+    assert "| bundle/teacher | bundle − hard | IOR (bundle − random) |" in card
+    assert ("| quick | convnet | 3 | 800 | 61.0 ± 1.0 | 50.7 ± 1.2 | 70.3 ± 0.6 | 58.0 ± 1.0 | 0.867 | +10.3 | +3.0 |"
+            in card)
+    assert "not evaluated yet" not in card.lower()
     assert "image_size=" not in card  # the loader's default fits the bundle
 
 
@@ -194,7 +207,7 @@ def test_info_explains_an_embedded_foundation(runner, tmp_path):
     obj = json.loads((b / "hellofmt.json").read_text())
     obj["foundation"].update(source="embedded", weights_file="foundation.safetensors")
     obj["foundation"].pop("pretrained")
-    (b / "hellofmt.json").write_text(json.dumps(obj))
+    write_manifest(b, obj)
     out = " ".join(runner.invoke(main, ["info", str(b)]).output.split())
     proj = (b / "projector.safetensors").stat().st_size
     assert f"label payload (projector, {format_bytes(proj)})" in out
@@ -245,7 +258,7 @@ def test_verify_runs_the_probe_on_a_real_bundle(runner, tiny_bundle, tmp_path):
     b = shutil.copytree(tiny_bundle, tmp_path / "b")
     obj = json.loads((b / "hellofmt.json").read_text())
     obj["probe"]["views"][0]["topk_logits"][0] += 1.0
-    (b / "hellofmt.json").write_text(json.dumps(obj))
+    write_manifest(b, obj)
     r = runner.invoke(main, ["verify", str(b)])
     assert r.exit_code == 1, r.output
     assert len(r.output.strip().splitlines()) == 1 and "probe" in r.output

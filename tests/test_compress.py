@@ -29,7 +29,7 @@ def int8_copy(tiny_bundle, tmp_path_factory):
 def test_int8_copy_is_smaller_verified_and_records_the_label_change(tiny_bundle, int8_copy):
     src, dst = Bundle.open(tiny_bundle), Bundle.open(int8_copy.path, verify=True)
     m = dst.manifest
-    assert m.projector.dtype == "int8" and m.format_version == "2.0"
+    assert m.projector.dtype == "int8" and m.format_version == "2.1"  # 2.0 (int8) + the digest (2.1)
     assert int8_copy["encoding"] == {"from": "float32", "to": "int8"}
     before, after = int8_copy["projector_bytes"]["before"], int8_copy["projector_bytes"]["after"]
     assert before == src.manifest.files[PROJECTOR_FILE].size and after == m.files[PROJECTOR_FILE].size
@@ -66,7 +66,8 @@ def test_info_shows_encoding_bytes_and_ratio(int8_copy):
     text = format_summary(s)
     size = s["label_payload"]["projector_bytes"]
     assert f"({size:,} B, int8 deltas)" in text and "stored labels" in text and "ratio" in text
-    assert "delta encoding kl " in text  # the delta_encoding.* metrics, grouped by stage
+    # the delta_encoding.* metrics, grouped by stage; the label is wider than its column: a line of its own
+    assert "\ndelta encoding\n" + " " * 12 + "kl " in text
 
 
 def test_output_exists_and_in_place_need_overwrite(tiny_bundle, tmp_path):
@@ -81,7 +82,7 @@ def test_output_exists_and_in_place_need_overwrite(tiny_bundle, tmp_path):
     assert (bundle / MANIFEST_NAME).read_bytes() == before
     res = compress_bundle(bundle, "float16", overwrite=True, device="cpu")
     assert res.path == bundle.absolute() and Bundle.open(bundle, verify=True).manifest.projector.dtype == "float16"
-    assert json.loads((bundle / MANIFEST_NAME).read_text())["format_version"] == "2.0"  # never lowered
+    assert json.loads((bundle / MANIFEST_NAME).read_text())["format_version"] == "2.1"  # never lowered
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folders left
     with pytest.raises(InputError, match="already float16"):
         compress_bundle(bundle, "float16", overwrite=True, device="cpu")
@@ -134,7 +135,7 @@ def test_build_writes_the_encoding_and_measures_it(tmp_path, delta_dtype):
     b = Bundle.open(res.path, verify=True)
     m = b.manifest
     assert m.projector.dtype == delta_dtype
-    assert m.format_version == ("2.0" if delta_dtype == "int8" else "1.0")  # the lowest that can read it
+    assert m.format_version == ("2.1" if delta_dtype == "int8" else "1.1")  # the lowest that can read it, + digest
     assert m.provenance.build_args["delta_dtype"] == delta_dtype
     assert verify_bundle(res.path) == []  # the probe was recorded on the stored deltas
     keys = {k for k in m.metrics if k.startswith("delta_encoding.")}

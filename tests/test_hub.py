@@ -33,6 +33,7 @@ from hellofmt.errors import (
     RevisionNotFoundError,
 )
 from hellofmt.manifest import MANIFEST_NAME, Manifest
+from hellofmt.show import preview_png
 from hellofmt.summary import summarize
 
 from bundles import make_format_bundle
@@ -107,10 +108,10 @@ def test_push_then_pull_gives_the_bundle_byte_for_byte(fake_hub, bundle, tmp_pat
     url = hub.push(bundle, REPO, token=WRITE_TOKEN)
 
     assert COMMIT_URL.match(url), url
-    assert fake_hub.commit_requests() == 1  # manifest, shards, projector and card in ONE commit
+    assert fake_hub.commit_requests() == 1  # manifest, shards, projector, card and preview in ONE commit
     head = fake_hub.repo(REPO).resolve("main")
     assert url.endswith(head.oid)
-    assert set(head.files) == {".gitattributes", "README.md", *bundle_files(bundle)}
+    assert set(head.files) == {".gitattributes", "README.md", "preview.png", *bundle_files(bundle)}
 
     path = hub.pull(REPO)
     assert Path(path).is_relative_to(tmp_path / "hf-cache")  # the huggingface_hub cache, not ~/.cache
@@ -196,7 +197,8 @@ def test_dataset_card(fake_hub, bundle):
     _with_metrics(bundle, {"top1_agreement": 0.9812, "kl_divergence": 0.0421})
     hub.push(bundle, REPO, token=WRITE_TOKEN, license="Apache-2.0")
     card = fake_hub.repo(REPO).resolve("main").files["README.md"].decode()
-    assert card == hub.dataset_card(Bundle.open(bundle), REPO, license="apache-2.0")
+    opened = Bundle.open(bundle)
+    assert card == hub.dataset_card(opened, REPO, license="apache-2.0", preview=preview_png(opened))
 
     _, front, body = card.split("---", 2)
     meta = yaml.safe_load(front)

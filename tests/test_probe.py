@@ -24,6 +24,8 @@ from hellofmt.probe import (
 )
 from hellofmt.verify import verify_bundle
 
+from bundles import write_manifest
+
 
 # --------------------------------------------------------------------------------------------------
 # Views: pure.
@@ -218,7 +220,7 @@ def test_tampered_probe_in_manifest_fails(tiny_bundle, tmp_path):
     man_path = path / MANIFEST_NAME
     obj = json.loads(man_path.read_text())
     obj["probe"]["views"][5]["topk_logits"][1] -= 0.5
-    man_path.write_text(json.dumps(obj))
+    write_manifest(path, obj)  # resealed: the probe check, not the digest, must catch it
     with pytest.raises(ProbeMismatchError, match="view 5") as e:
         DistilledDataset(path, device="cpu")
     assert isinstance(e.value, HellofmtError)

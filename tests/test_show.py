@@ -21,7 +21,7 @@ from hellofmt.show import (
     write_contact_sheet,
 )
 
-from bundles import make_format_bundle
+from bundles import make_format_bundle, write_manifest
 
 
 def _solid_bundle(path, num_classes=3, per_class=4, side=16):
@@ -33,7 +33,7 @@ def _solid_bundle(path, num_classes=3, per_class=4, side=16):
     b = make_format_bundle(path, classes=[f"class {c}" for c in range(num_classes)], images=images, labels=labels)
     obj = json.loads((b / "hellofmt.json").read_text())
     obj["class_folders"] = [f"n{c:08d}" for c in range(num_classes)]
-    (b / "hellofmt.json").write_text(json.dumps(obj))
+    write_manifest(b, obj)
     return b
 
 

@@ -312,11 +312,26 @@ def build_bundle(
     dev = world.device
     out = Path(out)
     store = CheckpointStore(c.checkpoint_dir or out.with_name(out.name + ".ckpt"), enabled=world.is_main)
+    # A failure while the inputs are checked removes the checkpoint folder if this run created it (the
+    # data scan writes its index there), and nothing else; a later failure keeps it for --resume.
+    fresh_store = not os.path.lexists(store.dir)
+    inputs_checked = False
     try:
         # ---- 1. inputs, all checked before heavy work ------------------------------------------
         with _timed(timings, "inputs"):
             if out.exists() and not c.overwrite:
                 raise BuildInputError("already exists", file=out, field="--out", fix="pass --overwrite or another path")
+            tspecs = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+            tw = list(teacher_weights) if isinstance(teacher_weights, (list, tuple)) else teacher_weights
+            # Everything that can be checked without the data, before the scan writes its first byte.
+            if isinstance(classes, (str, os.PathLike)) and hf_source(train_data) is None:
+                load_class_map(classes)
+            check_teacher_specs(tspecs, tw)  # before the foundation, which may be a large download
+            if isinstance(foundation, str):
+                _check_foundation_files(parse_foundation_spec(foundation))  # unknown names fail here, cheaply
+            if images is not None and not os.path.isdir(images):
+                raise BuildInputError("no such folder", file=images, field="--images",
+                                      fix="give the folder of pre-made images (DIR/CLASS/IMAGE)")
             data, names = _resolve_data(train_data, classes, world=world, store=store, resume=c.resume)
             if hasattr(data, "skipped"):  # folder images / dataset rows that fail to decode later: skipped, counted
                 n_data = len(data_labels(data))
@@ -324,11 +339,6 @@ def build_bundle(
             num_classes = len(names)
             if num_classes < 2:
                 raise BuildInputError("need at least two classes", field="--train-data")
-            tspecs = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
-            tw = list(teacher_weights) if isinstance(teacher_weights, (list, tuple)) else teacher_weights
-            check_teacher_specs(tspecs, tw)  # before the foundation, which may be a large download
-            if isinstance(foundation, str):
-                parse_foundation_spec(foundation)  # an unknown architecture or tag fails here, cheaply
             torch.manual_seed(c.seed)  # a random-init foundation must come out the same on every rank
             fnd = load_foundation(foundation, device=dev, embed=_embed(foundation, c.embed_foundation))
             # Taken now: the projector drops the text tower and parametrizes the weights in place.
@@ -357,6 +367,7 @@ def build_bundle(
                 _check_resume(store, _run_record(c, foundation))
             if world.is_main:
                 store.write_json("build.json", _run_record(c, foundation))
+            inputs_checked = True
 
         # ---- 2. projector distillation -----------------------------------------------------------
         with _timed(timings, "distill"):
@@ -491,8 +502,22 @@ def build_bundle(
             shutil.rmtree(store.dir, ignore_errors=True)
         world.close(sync=True)
         return BuildResult(path=path, metrics=metrics, timings=timings, summary=summary, warnings=warnings)
+    except BaseException:
+        if not inputs_checked and fresh_store and world.is_main:
+            shutil.rmtree(store.dir, ignore_errors=True)  # this run's own: it did not exist before
+        raise
     finally:
         world.close()
+
+
+def _check_foundation_files(spec) -> None:
+    """The files a ``CONFIG.json[:WEIGHTS.safetensors]`` foundation spec names must exist (checked
+    before anything is written; they are read later, after the data scan)."""
+    for path, what in ((spec.config_path, "model config"), (spec.weights_path, "weights")):
+        if path is not None and not os.path.isfile(path):
+            raise BuildInputError(f"no such file (the foundation's {what})", file=path, field="--foundation",
+                                  fix="give CONFIG.json[:WEIGHTS.safetensors] files that exist, ARCH:TAG or "
+                                  "hf-hub:ORG/REPO")
 
 
 def _distill_config(c: BuildConfig, size: int, **stage) -> DistillConfig:

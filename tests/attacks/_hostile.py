@@ -12,6 +12,8 @@ from safetensors.torch import save
 
 from hellofmt.manifest import MANIFEST_NAME
 
+from bundles import write_manifest
+
 
 def snapshot(root: Path) -> dict:
     """Every path under ``root`` (not following symlinks) with its bytes' sha256 and mtime."""
@@ -27,9 +29,11 @@ def snapshot(root: Path) -> dict:
 
 
 def edit_manifest(bundle: Path, fn) -> None:
+    """Edit the manifest's JSON values with ``fn`` and write it back resealed: an attacker can
+    recompute ``manifest_sha256`` too (it proves integrity, not authorship)."""
     obj = json.loads((bundle / MANIFEST_NAME).read_text())
     fn(obj)
-    (bundle / MANIFEST_NAME).write_text(json.dumps(obj))
+    write_manifest(bundle, obj)
 
 
 def replace_file(bundle: Path, name: str, data: bytes) -> None:

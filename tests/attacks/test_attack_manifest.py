@@ -9,7 +9,7 @@ from hellofmt.errors import BundleNotFoundError, FormatVersionError, ManifestErr
 from hellofmt.manifest import MANIFEST_NAME
 
 from _hostile import edit_manifest, snapshot
-from bundles import make_format_bundle
+from bundles import make_format_bundle, reseal
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_number_too_large_for_a_float(bundle):
     # JSON integers are unbounded; float() of a 400-digit one overflows
     text = (bundle / MANIFEST_NAME).read_text().replace('"temperature": 1.0', '"temperature": ' + "9" * 400)
     assert "9" * 400 in text
-    (bundle / MANIFEST_NAME).write_text(text)
+    (bundle / MANIFEST_NAME).write_text(reseal(text))
     refused(bundle, ManifestError, "labels.temperature: expected a finite number")
 
 
@@ -88,5 +88,5 @@ def test_metric_that_is_not_a_finite_number(bundle, value):
     # written as text: json.dumps cannot produce these values
     text = (bundle / MANIFEST_NAME).read_text()
     assert '"metrics": {}' in text
-    (bundle / MANIFEST_NAME).write_text(text.replace('"metrics": {}', f'"metrics": {{"agreement": {value}}}'))
+    (bundle / MANIFEST_NAME).write_text(reseal(text.replace('"metrics": {}', f'"metrics": {{"agreement": {value}}}')))
     refused(bundle, ManifestError, "metrics.agreement: expected a finite number")

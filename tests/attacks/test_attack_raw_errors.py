@@ -20,7 +20,7 @@ from hellofmt.errors import (
 from hellofmt.manifest import MANIFEST_NAME, Manifest
 
 from _hostile import edit_manifest, snapshot
-from bundles import make_format_bundle
+from bundles import make_format_bundle, reseal
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_opening_or_writing_a_path_with_a_300_character_name(tmp_path):
 ])
 def test_an_infinite_number_in_an_unknown_field_is_refused_at_parse(bundle, where, field):
     text = (bundle / MANIFEST_NAME).read_text()
-    (bundle / MANIFEST_NAME).write_text(text.replace('"metrics": {}', f'"metrics": {{}}, {where}'))
+    (bundle / MANIFEST_NAME).write_text(reseal(text.replace('"metrics": {}', f'"metrics": {{}}, {where}')))
     with pytest.raises(ManifestError, match="expected a finite number") as e:
         Bundle.open(bundle)
     assert e.value.field == field
