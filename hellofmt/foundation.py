@@ -934,7 +934,8 @@ def _check_size(name: str, weights: Path, *, error: type) -> None:
     """
     import open_clip
 
-    in_file = sum(math.prod(shape) for shape in _header_shapes(weights, error=error).values())
+    shapes = _header_shapes(weights, error=error)
+    in_file = sum(math.prod(shape) for shape in shapes.values())
     try:
         with torch.device("meta"), warnings.catch_warnings(), _quiet_random_init():
             warnings.simplefilter("ignore")
@@ -947,11 +948,16 @@ def _check_size(name: str, weights: Path, *, error: type) -> None:
             field="foundation.model_config",
             fix="check the model config (embed_dim, vision_cfg, text_cfg)",
         ) from e
-    wanted = sum(t.numel() for t in meta.state_dict().values())
+    own = meta.state_dict()
+    wanted = sum(t.numel() for t in own.values())
     # Slack for the few scalars open_clip adds when converting third-party checkpoints (logit_bias).
     if wanted > in_file + 1024:
+        # Name the first tensor (in the model's order) whose shape differs, where the names agree.
+        first = next((k for k in own if k in shapes and tuple(shapes[k]) != tuple(own[k].shape)), None)
+        where = (f"; first mismatching tensor: {first} is {tuple(shapes[first])} in the file, "
+                 f"{tuple(own[first].shape)} in the config") if first else ""
         raise error(
-            f"the model config describes {wanted:,} weights but the file holds {in_file:,}",
+            f"the model config describes {wanted:,} weights but the file holds {in_file:,}{where}",
             file=weights,
             field="foundation.model_config",
             fix="pair the weights with the model config they were trained with",

@@ -31,6 +31,20 @@ TINY_FOUNDATION = str(ROOT / "tests" / "data" / "hf-test-tiny-vit.json")
 TINY_FOUNDATION_64 = str(Path(__file__).resolve().parent / "tiny-vit-64.json")
 DATASETS = ("shapes32", "digits32", "shapes64", "textures96")
 FOUNDATIONS = {"shapes64": TINY_FOUNDATION_64}  # the others: TINY_FOUNDATION (32 px)
+# Pretrained foundations made on this machine (benchmarks/foundations/pretrain.py), by input side.
+PRETRAINED = ("clip32", "clip64")
+PRETRAINED_FOR = {"digits32": "clip32", "shapes32": "clip32", "shapes64": "clip64"}
+
+
+def pretrained_foundation(preset: str, cache: Path | None = None) -> str:
+    """The ``--foundation`` spec of a pretrained preset (``clip32``, ``clip64``), pretraining it first
+    if it is not cached yet (``$HELLOFMT_FOUNDATIONS``, default ``~/.cache/hellofmt/foundations``)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "foundations"))
+    import pretrain
+
+    return pretrain.ensure(preset, cache=cache)
 
 
 @functools.cache
@@ -217,9 +231,8 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor, device: str = "cpu") -> fl
     return correct / len(x)
 
 
-def prepare(name: str, cache: Path, *, teacher_epochs: int = 40, device: str = "cpu") -> dict:
-    """Make (once) the data and the teacher of dataset ``name`` under ``cache/name``; return paths,
-    test tensors and the teacher's held-out accuracy."""
+def make_data(name: str, cache: Path) -> Path:
+    """Write (once) dataset ``name``'s ``train/`` and ``test/`` image folders under ``cache/name``."""
     qs = _quickstart()
     root = cache / name
     if not (root / "test").is_dir():
@@ -234,6 +247,13 @@ def prepare(name: str, cache: Path, *, teacher_epochs: int = 40, device: str = "
             _textures96(root)
         else:
             raise SystemExit(f"unknown dataset {name!r}: one of {', '.join(DATASETS)}")
+    return root
+
+
+def prepare(name: str, cache: Path, *, teacher_epochs: int = 40, device: str = "cpu") -> dict:
+    """Make (once) the data and the teacher of dataset ``name`` under ``cache/name``; return paths,
+    test tensors and the teacher's held-out accuracy."""
+    root = make_data(name, cache)
     test_x, test_y, names = load_folder(root / "test")
     tfile = root / "teacher.safetensors"
     if not tfile.is_file():

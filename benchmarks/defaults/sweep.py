@@ -127,19 +127,24 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
                                   sort_keys=True).encode()).hexdigest()[:10]
     out = Path(args.cache) / "bundles" / f"{args.dataset}-{name}-{key}"
     t0 = time.perf_counter()
+    timings = None  # seconds per build stage, when this run built the bundle
     if not (out / "hellofmt.json").is_file():
-        build_bundle(str(info["train"]), info["teacher_spec"], fnd, out, overwrite=True,
-                     progress=not args.quiet, **opts)
+        built = build_bundle(str(info["train"]), info["teacher_spec"], fnd, out, overwrite=True,
+                             progress=not args.quiet, **opts)
+        timings = {k: round(v, 1) for k, v in built["timings"].items()}
     build_s = time.perf_counter() - t0
     ds = DistilledDataset(str(out), device=args.device)
     m = ds.manifest.metrics
     teacher = info["teacher"].to(args.device)
     arms = {"bundle": [], "hard": [], "teacher": [], "random": []}
+    eval_s = None
     if args.use_eval:  # hellofmt eval --protocol quick: the protocol of the Done-when
         from hellofmt import evaluate
 
+        t1 = time.perf_counter()
         ev = evaluate(str(out), str(info["test"]), teacher=info["teacher_spec"], train_data=str(info["train"]),
                       seeds=args.seeds, device=args.device, progress=False)
+        eval_s = time.perf_counter() - t1
         arms = {k: list(v["accuracies"]) for k, v in ev.to_dict()["arms"].items()}
     for seed in range(0 if args.use_eval else args.seeds):
         rnd = random_subset(ds, info["train"], seed)
@@ -149,8 +154,11 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
                                size=info["size"])
             arms[arm].append(accuracy(st, info["test_x"], info["test_y"], args.device))
     res = {"dataset": args.dataset, "config": name, "overrides": overrides, "ipc": args.ipc,
-           "foundation": Path(fnd).name, "image_size": int(ds.images.shape[-1]),
+           "foundation": getattr(args, "foundation_name", None) or Path(fnd).name,
+           "image_size": int(ds.images.shape[-1]),
            "teacher_acc": info["teacher_acc"], "build_s": round(build_s, 1),
+           "eval_s": None if eval_s is None else round(eval_s, 1), "threads": torch.get_num_threads(),
+           "timings": timings,
            "agreement_heldout": m.get("fidelity.heldout.top1_agreement"),
            "distill_steps": m.get("distill.steps"), "init_teacher_top1": m.get("images.init_teacher_top1"),
            "arms": {k: [round(v, 4) for v in vs] for k, vs in arms.items()},
@@ -164,7 +172,9 @@ def main() -> None:
     ap.add_argument("--dataset", required=True, choices=bdata.DATASETS)
     ap.add_argument("--config", action="append", default=[], help="a name from CONFIGS, or NAME=JSON overrides")
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--foundation", help="the foundation spec (default: the dataset's tiny ViT, data.FOUNDATIONS)")
+    ap.add_argument("--foundation", help="the foundation: a spec string, or a pretrained preset of "
+                    "benchmarks/foundations/pretrain.py (clip32, clip64: made on first use and cached) "
+                    "(default: the dataset's random-weight tiny ViT, data.FOUNDATIONS)")
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--batch", type=int, default=50)
@@ -179,6 +189,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     info = bdata.prepare(args.dataset, Path(args.cache), device=args.device)
+    args.foundation_name = args.foundation
+    if args.foundation in bdata.PRETRAINED:
+        args.foundation = bdata.pretrained_foundation(args.foundation, Path(args.cache))
     if args.prepare_only:
         print(f"{args.dataset}: teacher {info['teacher_acc']:.1%} on {len(info['test_y'])} held-out images")
         return
