@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .summary import comparison_parts
 
 __all__ = ["PLOT_DPI", "PLOT_SIZE", "INSTALL", "check_plot_path", "plot_eval"]
 
@@ -105,13 +106,7 @@ def _arms_panel(ax, result: dict[str, Any]) -> None:
         ax.annotate(f"IOR {100 * c['ior']:+.1f}", (xb + 0.38, (yb + yr) / 2), xytext=(3, 0),
                     textcoords="offset points", va="center", fontsize=8)
     ax.set_ylim(0, max(10.0, top * 1.25))
-    marks = []
-    if c.get("bundle/teacher") is not None:
-        marks.append(f"bundle/teacher {c['bundle/teacher']:.3f}")
-    if c.get("bundle-hard") is not None:
-        marks.append(f"bundle − hard {100 * c['bundle-hard']:+.1f}")
-    if c.get("ior") is not None:
-        marks.append(f"IOR (bundle − random) {100 * c['ior']:+.1f}")
+    marks = comparison_parts(c, minus="−")
     seeds = len(result.get("seeds") or [])
     head = f"{result.get('protocol', '?')}, {result.get('student', '?')}, {seeds} seed(s)"
     if result.get("val_count") is not None:

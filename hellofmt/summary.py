@@ -408,6 +408,19 @@ def _stage_lines(metrics: dict) -> list[str]:
     return out
 
 
+def comparison_parts(c: dict, *, minus: str = "-", unit: str = "") -> list[str]:
+    """An evaluation's comparisons as text: bundle/teacher, bundle - hard and IOR, those present
+    (``c`` as in ``EvalResult.to_dict()["comparisons"]``; differences in points)."""
+    parts = []
+    if c.get("bundle/teacher") is not None:
+        parts.append(f"bundle/teacher {c['bundle/teacher']:.3f}")
+    if c.get("bundle-hard") is not None:
+        parts.append(f"bundle {minus} hard {100 * c['bundle-hard']:+.1f}{unit}")
+    if c.get("ior") is not None:
+        parts.append(f"IOR (bundle {minus} random) {100 * c['ior']:+.1f}{unit}")
+    return parts
+
+
 def _evaluation_lines(evaluations: list[dict]) -> list[str]:
     """Recorded student evaluations, one line each: the setting, per arm mean ± std over seeds, then the
     comparisons (long lines are not wrapped, so that each evaluation stays one line to grep)."""
@@ -421,13 +434,7 @@ def _evaluation_lines(evaluations: list[dict]) -> list[str]:
         if e.get("date"):
             head += f", {e['date']}"
         parts = [", ".join(f"{k} {100 * a['mean']:.1f}% ± {100 * a['std']:.1f}" for k, a in e["arms"].items())]
-        c = e.get("comparisons") or {}
-        if c.get("bundle/teacher") is not None:
-            parts.append(f"bundle/teacher {c['bundle/teacher']:.3f}")
-        if c.get("bundle-hard") is not None:
-            parts.append(f"bundle - hard {100 * c['bundle-hard']:+.1f} points")
-        if c.get("ior") is not None:
-            parts.append(f"IOR (bundle - random) {100 * c['ior']:+.1f} points")
+        parts += comparison_parts(e.get("comparisons") or {}, unit=" points")
         out.append(f"  {head}: " + "; ".join(parts))
     return out
 

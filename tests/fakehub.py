@@ -200,6 +200,19 @@ def point_client_at(url: str, monkeypatch) -> None:
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
 
+def running_fake_hub(monkeypatch, tmp_path):
+    """The body of the ``fake_hub`` fixtures: a running FakeHub, huggingface_hub pointed at it, its
+    cache in the test's ``tmp_path``, no token from the environment. A generator: the fixtures
+    ``yield from`` it."""
+    from huggingface_hub import constants
+
+    with FakeHub() as server:
+        point_client_at(server.url, monkeypatch)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield server
+
 # --------------------------------------------------------------------------------------------------
 class _Handler(BaseHTTPRequestHandler):
     hub: FakeHub

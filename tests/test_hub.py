@@ -37,7 +37,7 @@ from hellofmt.show import preview_png
 from hellofmt.summary import summarize
 
 from bundles import make_format_bundle
-from fakehub import READ_TOKEN, WRITE_TOKEN, FakeHub, point_client_at
+from fakehub import READ_TOKEN, WRITE_TOKEN, running_fake_hub
 
 REPO = "user/tiny"
 COMMIT_URL = re.compile(r"^http://127\.0\.0\.1:\d+/datasets/user/tiny/commit/([0-9a-f]{40})$")
@@ -46,12 +46,7 @@ COMMIT_URL = re.compile(r"^http://127\.0\.0\.1:\d+/datasets/user/tiny/commit/([0
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
     """A running fake Hub, huggingface_hub pointed at it, its cache in this test's tmp dir."""
-    with FakeHub() as server:
-        point_client_at(server.url, monkeypatch)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        yield server
+    yield from running_fake_hub(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from huggingface_hub import constants
 from PIL import Image
 
 from hellofmt import hub
@@ -29,7 +28,7 @@ from hellofmt.show import preview_png
 from hellofmt.verify import verify_bundle
 
 from bundles import make_format_bundle
-from fakehub import WRITE_TOKEN, FakeHub, point_client_at
+from fakehub import WRITE_TOKEN, running_fake_hub
 
 REPO = "user/tiny"
 EVALUATION = {"protocol": "quick", "student": "convnet", "seeds": [0, 1, 2], "hellofmt_version": "0.1.0",
@@ -40,12 +39,7 @@ EVALUATION = {"protocol": "quick", "student": "convnet", "seeds": [0, 1, 2], "he
 
 @pytest.fixture
 def fake_hub(monkeypatch, tmp_path):
-    with FakeHub() as server:
-        point_client_at(server.url, monkeypatch)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.delenv("HF_TOKEN", raising=False)
-        yield server
+    yield from running_fake_hub(monkeypatch, tmp_path)
 
 
 @pytest.fixture
