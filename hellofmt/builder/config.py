@@ -132,9 +132,9 @@ class BuildConfig:
     factor: int | None = option(
         None, "Patches per side stitched into each image (default: 1 below 128 px, 2 from 128 px).", resume=True)
     selection: str = option(
-        "kmeans", "How candidates are kept: kmeans (one per cluster of the projector's embeddings, the one "
-        "nearest its centre, among candidates the teacher gets right), confidence (RDED: the teacher's surest) "
-        "or random.",
+        "confidence", "How candidates are kept: confidence (RDED: the teacher's surest; chosen by students under "
+        "a pretrained foundation, benchmarks/README.md), kmeans (one per cluster of the projector's embeddings, "
+        "the one nearest its centre, among candidates the teacher gets right) or random.",
         choices=SELECTIONS, resume=True)
     candidates: int = option(
         4, "Candidates scored per kept patch: the default pool of each class is ipc x factor^2 x this many "
