@@ -48,7 +48,7 @@ from torch import nn
 from . import __version__
 from .errors import EvalInputError, HellofmtError, InputError
 from .manifest import Evaluation
-from .plots import check_plot_path, plot_eval
+from .plots import check_plot_path, plot_eval, ranked_classes
 from .students import (
     Protocol,
     build_student,
@@ -228,13 +228,11 @@ class EvalResult:
 
 def _worst_classes(per_class: dict[str, Any] | None, k: int = 5) -> str | None:
     """One line naming the ``k`` classes whose held-out labels the projector gets least right."""
-    if not per_class:
+    ranked = ranked_classes(per_class)
+    if not ranked or not ranked[2]:
         return None
-    key, what = (("teacher_agreement", "agreement with the teacher") if per_class.get("teacher_agreement")
-                 else ("projector_top1", "top-1"))
-    pairs = sorted((v, n) for n, v in zip(per_class["classes"], per_class.get(key) or []) if v is not None)
-    if not pairs:
-        return None
+    key, _, pairs = ranked
+    what = "agreement with the teacher" if key == "teacher_agreement" else "top-1"
     return (f"projector {what} on the held-out images, worst classes: "
             + ", ".join(f"{n} {100 * v:.0f}%" for v, n in pairs[:k]))
 

@@ -114,18 +114,28 @@ def _arms_panel(ax, result: dict[str, Any]) -> None:
     ax.set_title(head + ("\n" + ", ".join(marks) + " (points)" if marks else ""), fontsize=10)
 
 
+def ranked_classes(per_class: dict[str, Any] | None) -> tuple[str, list, list[tuple[float, str]]] | None:
+    """The per-class figure an evaluation is judged by (``teacher_agreement`` when a teacher was given,
+    else ``projector_top1``), its values, and ``(value, class name)`` pairs worst first; None when the
+    result has no per-class figures (``EvalResult.per_class``)."""
+    pc = per_class or {}
+    key = "teacher_agreement" if pc.get("teacher_agreement") else "projector_top1" if pc.get("projector_top1") else None
+    if key is None:
+        return None
+    values = pc[key]
+    return key, values, sorted((v, n) for n, v in zip(pc["classes"], values) if v is not None)
+
+
 def _classes_panel(ax, result: dict[str, Any]) -> None:
     pc = result.get("per_class") or {}
-    if pc.get("teacher_agreement"):
-        values, what = pc["teacher_agreement"], "projector's top-1 = teacher's"
-    elif pc.get("projector_top1"):
-        values, what = pc["projector_top1"], "projector's top-1 (no teacher given)"
-    else:
+    ranked = ranked_classes(pc)
+    if ranked is None:
         ax.axis("off")
         ax.text(0.5, 0.5, "no per-class figures in this result", ha="center", va="center")
         return
+    key, values, rows = ranked
+    what = "projector's top-1 = teacher's" if key == "teacher_agreement" else "projector's top-1 (no teacher given)"
     counts = pc.get("count") or [1] * len(values)
-    rows = sorted((v, n) for n, v in zip(pc["classes"], values) if v is not None)
     shown = rows[:_WORST]
     total = sum(k for v, k in zip(values, counts) if v is not None)
     overall = sum(v * k for v, k in zip(values, counts) if v is not None) / max(1, total)

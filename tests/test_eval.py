@@ -428,14 +428,18 @@ def test_record_refuses_a_hub_id(dirs):
 # --------------------------------------------------------------------------------------------------
 def test_cli_eval(tiny_bundle, dirs):
     from hellofmt.cli import main
+    from hellofmt.plots import PLOT_DPI, PLOT_SIZE
 
-    out = dirs["tmp"] / "cli.json"
+    out, png = dirs["tmp"] / "cli.json", dirs["tmp"] / "cli.png"
     r = CliRunner().invoke(main, ["eval", str(tiny_bundle), "--val", str(dirs["val"]), "--arms", "bundle,hard",
                                   "--seeds", "1", "--epochs", "1", "--student", "convnet:width=8", "--quiet",
-                                  "--json", str(out)])
+                                  "--json", str(out), "--plot", str(png)])
     assert r.exit_code == 0, r.output
     assert "bundle - hard" in r.output and f"wrote {out}" in r.output
     assert json.loads(out.read_text())["arms"].keys() == {"bundle", "hard"}
+    # the same run drew the chart (tests/test_eval_plot.py checks its contents)
+    assert f"wrote {png}" in r.output
+    assert Image.open(png).size == (round(PLOT_SIZE[0] * PLOT_DPI), round(PLOT_SIZE[1] * PLOT_DPI))
     r = CliRunner().invoke(main, ["eval", str(tiny_bundle), "--val", str(dirs["val"]), "--seeds", "0"])
     assert r.exit_code == 2 and "error: --seeds: expected an integer >= 1" in r.output
 

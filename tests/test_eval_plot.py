@@ -120,15 +120,10 @@ def test_plot_without_matplotlib_names_the_extra(tiny_bundle, dirs, monkeypatch)
         plot_eval({"arms": {}}, dirs["tmp"] / "x.png")
 
 
-def test_cli_eval_plot(tiny_bundle, dirs):
+def test_cli_eval_plot_to_a_missing_folder_is_refused(tiny_bundle, dirs):
+    # the successful --plot run shares tests/test_eval.py::test_cli_eval's students
     from hellofmt.cli import main
 
-    out = dirs["tmp"] / "cli.png"
-    r = CliRunner().invoke(main, ["eval", str(tiny_bundle), "--val", str(dirs["val"]), "--arms", "bundle,hard",
-                                  "--seeds", "1", "--epochs", "1", "--student", "convnet:width=8", "--quiet",
-                                  "--plot", str(out)])
-    assert r.exit_code == 0, r.output
-    assert f"wrote {out}" in r.output and Image.open(out).size == PNG_SIZE
     r = CliRunner().invoke(main, ["eval", str(tiny_bundle), "--val", str(dirs["val"]), "--plot",
                                   str(dirs["tmp"] / "nowhere" / "x.png")])
     assert r.exit_code == 2 and r.output.startswith("error: ") and "--plot" in r.output

@@ -64,7 +64,7 @@ class BudgetError(SystemExit):
     pass
 
 
-def estimate_seconds(config: dict, steps: int, batch: int, threads: int) -> float:
+def estimate_seconds(config: dict, steps: int, batch: int) -> float:
     """Wall time of ``steps`` steps: forward and backward (x3) of one image and one caption per pair,
     from hellofmt's own cost estimate of the config, at this machine's measured throughput."""
     from hellofmt.foundation import estimate_model_cost
@@ -152,7 +152,7 @@ def train(args) -> dict:
     torch.set_num_threads(args.threads)
     config = json.loads(Path(args.config).read_text())
     side = int(config["vision_cfg"]["image_size"])
-    est = estimate_seconds(config, args.steps, args.batch, args.threads)
+    est = estimate_seconds(config, args.steps, args.batch)
     print(f"{args.name}: {args.steps} steps of {args.batch} pairs at {side} px; estimated {est / 60:.1f} min "
           f"on {args.threads} thread(s)", flush=True)
     if est > args.budget_minutes * 60 and not args.force:
@@ -286,6 +286,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if not preset and not (args.config and args.name):
         ap.error("give --preset, or --config and --name")
     args.config = args.config or str(HERE / preset["config"])
+    if not Path(args.config).is_file():
+        ap.error(f"--config {args.config}: no such file (an open_clip model config JSON)")
     args.name = args.name or args.preset
     args.steps = args.steps or preset.get("steps", 3000)
     args.batch = args.batch or preset.get("batch", 256)
