@@ -65,6 +65,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from devices import check_device  # noqa: E402  (benchmarks/devices.py)
+
 TINY_CONFIG = str(ROOT / "tests" / "data" / "hf-test-tiny-vit.json")
 PARTS = ("data", "compute", "loop", "refine", "open")
 
@@ -421,7 +424,8 @@ def main(argv: list[str] | None = None) -> None:
     parts = PARTS if args.part == "all" else tuple(x.strip() for x in args.part.split(",") if x.strip())
     if not parts or set(parts) - set(PARTS):
         p.error(f"--part: expected all or a comma-separated list of {', '.join(PARTS)}, got {args.part!r}")
-    device = torch.device(args.device)
+    device = check_device(args.device, "build_throughput.py")
+    args.device = str(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     elif args.threads is None:

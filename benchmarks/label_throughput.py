@@ -35,6 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from devices import check_device  # noqa: E402  (benchmarks/devices.py)
 
 
 def _sync(device: torch.device) -> None:
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from bundles import make_tiny_bundle
 
-    device = torch.device(args.device)
+    device = check_device(args.device, "label_throughput.py")
     bs = args.batch_size
     clock_name = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
     clock = time.process_time if clock_name == "cpu" else time.perf_counter

@@ -48,6 +48,7 @@ from torch.nn.utils import parametrize
 
 from hellofmt import lowrank
 from hellofmt.augment import random_resized_crop
+from hellofmt.lowrank import DEFAULT_TARGETS
 from hellofmt.manifest import DELTA_ENCODINGS
 from hellofmt.projector import LabelChange
 
@@ -67,6 +68,13 @@ SETTINGS = [
     ("ViT-B/32: attn+MLP r4, head r64", "ViT-B-32", VIT_ATTN + VIT_MLP, 4, 64),
     ("ViT-B/32: attn r8, head r128", "ViT-B-32", VIT_ATTN, 8, 128),
     ("ViT-B/32: MLP r8, head r128", "ViT-B-32", VIT_MLP, 8, 128),
+    # hellofmt's default targets (hellofmt.lowrank.DEFAULT_TARGETS) at the ranks the defaults sweep compares
+    # (benchmarks/README.md, "Under the pretrained foundations"): 16/16 (the default), 8/8, 8 + head 128.
+    ("RN50: default targets r16, head r16 (hellofmt default)", "RN50", DEFAULT_TARGETS["resnet"], 16, 16),
+    ("RN50: default targets r8, head r8", "RN50", DEFAULT_TARGETS["resnet"], 8, 8),
+    ("RN50: default targets r8, head r128", "RN50", DEFAULT_TARGETS["resnet"], 8, 128),
+    ("ViT-B/32: default targets r16, head r16 (hellofmt default)", "ViT-B-32", DEFAULT_TARGETS["vit"], 16, 16),
+    ("ViT-B/32: default targets r8, head r8", "ViT-B-32", DEFAULT_TARGETS["vit"], 8, 8),
 ]
 VIT_UNDER_1MB = ("ViT-B/32: attn r8, head r128", VIT_ATTN, 8, 128)
 

@@ -138,10 +138,11 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, *, make_model=None,
-                  device: str = "cpu") -> nn.Module:
+                  device: str = "cpu", on_epoch=None) -> nn.Module:
     """Cross-entropy with label smoothing on random resized crops (scale 0.5-1), AdamW, one-cycle.
     ``make_model(num_classes)`` (default: the small CNN) is called after seeding; the model comes back
-    on the CPU in eval mode."""
+    on the CPU in eval mode. ``on_epoch(epoch, model)``, when given, is called after each epoch (1-based):
+    checkpoints of the run, e.g. weak teachers."""
     torch.manual_seed(seed)
     model = (make_model or (lambda c: cnn(16, c)))(int(y.max()) + 1).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=5e-4)
@@ -149,7 +150,7 @@ def train_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, *, m
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, 3e-3, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(len(x), generator=gen)
         for i in range(0, len(x), 64):
             idx = perm[i:i + 64]
@@ -158,6 +159,8 @@ def train_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, *, m
             loss.backward()
             opt.step()
             sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
     return model.cpu().eval()
 
 

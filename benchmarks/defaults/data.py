@@ -207,10 +207,35 @@ def net(num_classes: int, size: int, width: int = 16):
     return nn.Sequential(nn.AvgPool2d(k), body) if k > 1 else body
 
 
-def train_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, device: str = "cpu"):
+def train_teacher(x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int, device: str = "cpu", on_epoch=None):
     """The quickstart's teacher recipe on :func:`net` (sized for the images)."""
     size = int(x.shape[-1])
-    return _quickstart().train_teacher(x, y, epochs, seed, make_model=lambda c: net(c, size), device=device)
+    return _quickstart().train_teacher(x, y, epochs, seed, make_model=lambda c: net(c, size), device=device,
+                                       on_epoch=on_epoch)
+
+
+def weak_teachers(info: dict, epochs: tuple[int, ...], *, teacher_epochs: int = 40, device: str = "cpu") -> list:
+    """Checkpoints of the teacher's own training run (the run :func:`prepare` made: same seed, same
+    epochs) after each of ``epochs``, as HeLlO's several weak teachers: saved once as
+    ``teacher-eN.safetensors`` beside the teacher, returned as eval-mode modules."""
+    from safetensors.torch import load_file, save_file
+
+    root = Path(info["root"])
+    files = {e: root / f"teacher-e{e}.safetensors" for e in epochs}
+    if not all(f.is_file() for f in files.values()):
+        train_x, train_y, _ = load_folder(root / "train")
+
+        def save(epoch, model):
+            if epoch in files:
+                save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(files[epoch]))
+
+        train_teacher(train_x, train_y, teacher_epochs, seed=0, device=device, on_epoch=save)
+    out = []
+    for e in epochs:
+        m = net(len(info["names"]), info["size"])
+        m.load_state_dict(load_file(str(files[e])))
+        out.append(m.eval())
+    return out
 
 
 def emit(record: dict, out: str) -> None:

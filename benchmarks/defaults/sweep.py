@@ -49,6 +49,15 @@ CONFIGS: dict[str, dict] = {
     "mse": {"loss": "mse"},
     "klT4": {"temperature": 4.0},
     "klT1": {"temperature": 1.0},
+    "rank8": {"rank": 8, "head_rank": 8},
+    "rank8-head128": {"rank": 8, "head_rank": 128},
+    "lr01": {"lr": 0.01},
+    "lr002": {"lr": 0.002},
+    "distmix": {"distill_mix": "cutmix"},
+    "adapt2000": {"adapt_steps": 2000},
+    # Not a build option: the build's teachers are checkpoints of the teacher's own training run, averaged
+    # (data.weak_teachers); the eval's teacher arm keeps the finished teacher.
+    "weak4": {"weak_teachers": [10, 20, 30, 40]},
 }
 
 
@@ -125,11 +134,13 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
     fnd = args.foundation or info["foundation"]
     key = hashlib.sha1(json.dumps([args.dataset, opts] + ([fnd] if args.foundation else []),
                                   sort_keys=True).encode()).hexdigest()[:10]
+    weak = opts.pop("weak_teachers", None)
+    teachers = bdata.weak_teachers(info, tuple(weak), device=args.device) if weak else info["teacher_spec"]
     out = Path(args.cache) / "bundles" / f"{args.dataset}-{name}-{key}"
     t0 = time.perf_counter()
     timings = None  # seconds per build stage, when this run built the bundle
     if not (out / "hellofmt.json").is_file():
-        built = build_bundle(str(info["train"]), info["teacher_spec"], fnd, out, overwrite=True,
+        built = build_bundle(str(info["train"]), teachers, fnd, out, overwrite=True,
                              progress=not args.quiet, **opts)
         timings = {k: round(v, 1) for k, v in built["timings"].items()}
     build_s = time.perf_counter() - t0
@@ -143,7 +154,7 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
 
         t1 = time.perf_counter()
         ev = evaluate(str(out), str(info["test"]), teacher=info["teacher_spec"], train_data=str(info["train"]),
-                      seeds=args.seeds, device=args.device, progress=False)
+                      seeds=args.seeds, device=args.device, progress=False, arms=args.arms)
         eval_s = time.perf_counter() - t1
         arms = {k: list(v["accuracies"]) for k, v in ev.to_dict()["arms"].items()}
     for seed in range(0 if args.use_eval else args.seeds):
@@ -160,6 +171,12 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
            "eval_s": None if eval_s is None else round(eval_s, 1), "threads": torch.get_num_threads(),
            "timings": timings,
            "agreement_heldout": m.get("fidelity.heldout.top1_agreement"),
+           # Arms other than bundle and random depend on the images alone: rows with the same images_sha256
+           # share them (run with --arms bundle,random and pair with the row that has them).
+           # (over the decoded pixels and labels: the files' own sha256 also covers safetensors' header, whose
+           # metadata order varies from run to run)
+           "images_sha256": hashlib.sha256(ds.images.cpu().contiguous().numpy().tobytes()
+                                           + ds.targets.cpu().contiguous().numpy().tobytes()).hexdigest()[:16],
            "distill_steps": m.get("distill.steps"), "init_teacher_top1": m.get("images.init_teacher_top1"),
            "arms": {k: [round(v, 4) for v in vs] for k, vs in arms.items()},
            "mean": {k: round(float(np.mean(v)), 4) for k, v in arms.items()},
@@ -185,6 +202,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--use-eval", action="store_true", help="students by hellofmt.evaluate (--protocol quick)")
+    ap.add_argument("--arms", help="with --use-eval: the arms to train (comma-separated; default: all four). "
+                    "hard and teacher depend on the images alone, so a lever that keeps the images needs only "
+                    "bundle,random (pair by images_sha256)")
     ap.add_argument("--prepare-only", action="store_true", help="make the data and teacher, then stop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

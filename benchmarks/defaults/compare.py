@@ -1,0 +1,101 @@
+"""Tabulate ``sweep.py --use-eval`` results with paired statistics, as benchmarks/README.md reports them.
+
+    python benchmarks/defaults/compare.py results-pretrained.jsonl results-levers.jsonl --dataset shapes32 \\
+        --foundation clip32 --reference conf
+
+Per row: each arm's mean and standard deviation over seeds; ``b - h`` (bundle minus hard labels) and IOR
+(bundle minus the random real subset labelled by the same projector) with their paired standard errors
+(the per-seed differences' standard deviation / sqrt(seeds): every arm of a seed trains from the same
+initialisation on the same schedule); bundle/teacher; and, against ``--reference``, the change of the
+bundle arm and of the random arm (the random arm's images are the same in every row of a set, so its
+change is the labels' alone), each with its paired standard error.
+
+A row run with ``--arms bundle,random`` (a lever that keeps the images) takes its hard and teacher arms from
+the row of the same set and foundation whose images are the same (``images_sha256``; for rows written
+before that field, the hash is computed from the row's bundle in ``--cache``). A row whose images have no
+such partner shows ``-`` for what it lacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def images_hash(row: dict, cache: Path) -> str | None:
+    """The row's ``images_sha256``, or the same hash computed from its bundle in ``cache`` (first match of
+    ``bundles/{dataset}-{config}-*`` whose ``hellofmt.json`` records the row's foundation)."""
+    if row.get("images_sha256"):
+        return row["images_sha256"]
+    from hellofmt.dataset import DistilledDataset
+
+    for d in sorted((cache / "bundles").glob(f"{row['dataset']}-{row['config']}-*")):
+        if d.suffix == ".ckpt" or not (d / "hellofmt.json").is_file():
+            continue
+        if row.get("foundation") and row["foundation"] not in (d / "hellofmt.json").read_text():
+            continue
+        ds = DistilledDataset(str(d), device="cpu")
+        return hashlib.sha256(ds.images.cpu().contiguous().numpy().tobytes()
+                              + ds.targets.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+    return None
+
+
+def paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of ``a - b`` per seed and its standard error, in points."""
+    d = np.asarray(a[:len(b)]) - np.asarray(b[:len(a)])
+    return 100 * float(d.mean()), 100 * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+
+
+def fmt_arm(v: list[float] | None) -> str:
+    return "-" if not v else f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"
+
+
+def fmt_pair(m: tuple[float, float] | None) -> str:
+    return "-" if m is None else f"{m[0]:+.1f} ({m[1]:.1f})"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("files", nargs="+", type=Path)
+    ap.add_argument("--dataset", required=True)
+    ap.add_argument("--foundation", help="keep rows of this foundation only")
+    ap.add_argument("--reference", help="the config the last two columns compare against")
+    ap.add_argument("--cache", type=Path,
+                    default=Path(os.environ.get("HELLOFMT_BENCH_CACHE", "/tmp/hellofmt-defaults")))
+    args = ap.parse_args(argv)
+    rows = [json.loads(line) for f in args.files for line in f.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r["dataset"] == args.dataset and r.get("eval_s") is not None
+            and (args.foundation is None or r.get("foundation") == args.foundation)]
+    for r in rows:
+        r["images_sha256"] = images_hash(r, args.cache)
+    full = {r["images_sha256"]: r for r in rows if all(r["arms"].get(k) for k in ("hard", "teacher"))}
+    ref = next((r for r in rows if r["config"] == args.reference), None)
+    print(f"| {args.dataset} config | overrides | agreement | bundle | hard | teacher | random | b - h (s.e.) "
+          f"| IOR (s.e.) | b/t | bundle vs {args.reference} | random vs {args.reference} |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        arms = dict(r["arms"])
+        partner = full.get(r["images_sha256"])
+        for k in ("hard", "teacher"):
+            if not arms.get(k) and partner is not None:
+                arms[k] = partner["arms"][k]
+        b, h, t, rnd = (arms.get(k) for k in ("bundle", "hard", "teacher", "random"))
+        agree = r.get("agreement_heldout")
+        cells = [r["config"], json.dumps(r["overrides"]) if r["overrides"] else "(defaults)",
+                 "-" if agree is None else f"{100 * agree:.1f}",
+                 fmt_arm(b), fmt_arm(h), fmt_arm(t), fmt_arm(rnd),
+                 fmt_pair(paired(b, h) if b and h else None), fmt_pair(paired(b, rnd) if b and rnd else None),
+                 f"{np.mean(b) / np.mean(t):.2f}" if b and t else "-",
+                 fmt_pair(paired(b, ref["arms"]["bundle"])) if ref and ref is not r else "",
+                 fmt_pair(paired(rnd, ref["arms"]["random"])) if ref and ref is not r and rnd else ""]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

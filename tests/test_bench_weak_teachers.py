@@ -1,0 +1,67 @@
+"""benchmarks/defaults/data.py: weak teachers are checkpoints of the teacher's own training run (the
+quickstart's recipe, with its ``on_epoch`` hook), saved once beside the teacher and loaded back."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = ROOT / "benchmarks" / "defaults"
+
+
+def _load_data():
+    spec = importlib.util.spec_from_file_location("hellofmt_bench_defaults_data", DEFAULTS / "data.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(DEFAULTS))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(DEFAULTS))
+    return mod
+
+
+def _folder(root: Path, classes: int = 2, per_class: int = 6, size: int = 16) -> None:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+
+
+def test_on_epoch_sees_every_epoch_and_the_last_is_the_returned_model():
+    data = _load_data()
+    x = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
+    y = torch.tensor([0, 1] * 6)
+    seen: dict[int, dict] = {}
+
+    def keep(epoch, model):
+        seen[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    model = data.train_teacher(x, y, 3, seed=0, on_epoch=keep)
+    assert sorted(seen) == [1, 2, 3]
+    final = model.state_dict()
+    assert all(torch.equal(seen[3][k].cpu(), final[k]) for k in final)
+    assert any(not torch.equal(seen[1][k], seen[3][k]) for k in final if final[k].is_floating_point())
+
+
+def test_weak_teachers_are_saved_once_and_differ(tmp_path):
+    data = _load_data()
+    _folder(tmp_path / "train")
+    info = {"root": tmp_path, "names": ["c0", "c1"], "size": 16}
+    first = data.weak_teachers(info, (1, 3), teacher_epochs=3)
+    files = sorted(p.name for p in tmp_path.glob("teacher-e*.safetensors"))
+    assert files == ["teacher-e1.safetensors", "teacher-e3.safetensors"]
+    stamp = [p.stat().st_mtime_ns for p in sorted(tmp_path.glob("teacher-e*.safetensors"))]
+    again = data.weak_teachers(info, (1, 3), teacher_epochs=3)  # read back, not retrained
+    assert [p.stat().st_mtime_ns for p in sorted(tmp_path.glob("teacher-e*.safetensors"))] == stamp
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(first[0](x), again[0](x))
+        assert not torch.equal(first[0](x), first[1](x))
+    assert not first[0].training
