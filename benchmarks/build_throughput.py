@@ -75,10 +75,28 @@ PARTS = ("data", "compute", "loop", "refine", "open")
 # --------------------------------------------------------------------------------------------------
 # set-up: images, teacher, projector
 # --------------------------------------------------------------------------------------------------
+def draw_image(rng, c: int, classes: int, width: int, height: int, grid=None):
+    """One generated ``height x width x 3`` uint8 image of class ``c`` (of ``classes``), drawn from the numpy
+    Generator ``rng``: a smooth random colour field, a stripe pattern whose angle depends on the class, and
+    fine grain, so that it compresses and decodes like a photograph rather than like white noise (which
+    would be about 4x larger and slower to decode). ``grid``: ``np.mgrid[0:height, 0:width]`` as float32,
+    when the caller draws many (computed here otherwise)."""
+    import numpy as np
+    from PIL import Image
+
+    yy, xx = grid if grid is not None else np.mgrid[0:height, 0:width].astype(np.float32)
+    low = rng.uniform(0, 255, (height // 32 + 2, width // 32 + 2, 3)).astype(np.uint8)
+    base = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    angle = math.pi * c / classes
+    freq = rng.uniform(0.02, 0.08)
+    stripes = 40 * np.sin(freq * (xx * math.cos(angle) + yy * math.sin(angle)) + rng.uniform(0, 6.3))
+    grain = rng.normal(0, 8, (height, width, 1)).astype(np.float32)
+    return np.clip(base + stripes[..., None] + grain, 0, 255).astype(np.uint8)
+
+
 def make_folder(root: Path, n: int, classes: int, width: int, height: int, seed: int = 0) -> Path:
-    """``n`` JPEGs (quality 90) in ``classes`` class folders: smooth random colour fields with a class-
-    dependent stripe pattern and fine grain, so that they compress and decode like photographs rather
-    than like white noise (which would be about 4x larger and slower to decode). Reused when present."""
+    """``n`` JPEGs (quality 90) in ``classes`` class folders (image ``i`` in class ``i % classes``), each a
+    :func:`draw_image` from one random stream. Reused when present."""
     import numpy as np
     from PIL import Image
 
@@ -86,18 +104,12 @@ def make_folder(root: Path, n: int, classes: int, width: int, height: int, seed:
     if done.is_file() and done.read_text().strip() == f"{n} {classes} {width} {height} {seed}":
         return root
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    grid = np.mgrid[0:height, 0:width].astype(np.float32)
     for c in range(classes):
         (root / f"class_{c:03d}").mkdir(parents=True, exist_ok=True)
     for i in range(n):
         c = i % classes
-        low = rng.uniform(0, 255, (height // 32 + 2, width // 32 + 2, 3)).astype(np.uint8)
-        base = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), dtype=np.float32)
-        angle = math.pi * c / classes
-        freq = rng.uniform(0.02, 0.08)
-        stripes = 40 * np.sin(freq * (xx * math.cos(angle) + yy * math.sin(angle)) + rng.uniform(0, 6.3))
-        grain = rng.normal(0, 8, (height, width, 1)).astype(np.float32)
-        img = np.clip(base + stripes[..., None] + grain, 0, 255).astype(np.uint8)
+        img = draw_image(rng, c, classes, width, height, grid)
         Image.fromarray(img).save(root / f"class_{c:03d}" / f"{i:06d}.jpg", quality=90)
     done.write_text(f"{n} {classes} {width} {height} {seed}")
     return root

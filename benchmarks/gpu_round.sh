@@ -6,6 +6,7 @@
 # fit in what is left of the budget is skipped and named in $OUT/summary.txt.
 #
 #   OUT=/some/folder bash benchmarks/gpu_round.sh           # from the repository root (the device's $OUT)
+#   ROUND=2 OUT=/some/folder bash benchmarks/gpu_round.sh   # the ImageNet-1K build-time prediction
 #
 # The device has no network: torch, open_clip, timm and pytest must already be installed there (nothing is
 # pip-installed); the scripts import hellofmt from this working tree. Bundles and generated JPEGs go to
@@ -51,6 +52,17 @@ if ! "$PY" -c "import torch, open_clip, timm, pytest; assert torch.cuda.is_avail
 fi
 
 SE=("$PY" benchmarks/student_epoch.py --device cuda)
+if [ "${ROUND:-1}" = 2 ]; then
+    # Round 2 (ROUND=2; a session's 15 device minutes fit about one round): issue #24 item 4, the ImageNet-1K
+    # build time predicted from a whole build on an ImageNet-shaped folder (benchmarks/imagenet_predict.py,
+    # examples/imagenet.md), then what round 1 left.
+    step imagenet-predict 330 "$PY" benchmarks/imagenet_predict.py --device cuda --data "$WORK/in-shaped" \
+        --num-workers 15 --no-progress --json "$OUT/imagenet-predict.json" --markdown "$OUT/imagenet-predict.md"
+    step label-throughput 60 "$PY" benchmarks/label_throughput.py --device cuda --arch ViT-B-32 --batch-size 256 \
+        --reps 3
+    echo "done in $((SECONDS - START))s of ${BUDGET}s" | tee -a "$SUMMARY"
+    exit 0
+fi
 VIT=(--foundation ViT-B-32 --bundle "$WORK/bundle-vit-b-32")
 RN=(--foundation RN50 --bundle "$WORK/bundle-rn50")
 
