@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset", required=True)
     ap.add_argument("--foundation", help="keep rows of this foundation only")
     ap.add_argument("--reference", help="the config the last two columns compare against")
+    ap.add_argument("--only", nargs="+", help="these configs only, in this order")
     ap.add_argument("--cache", type=Path,
                     default=Path(os.environ.get("HELLOFMT_BENCH_CACHE", "/tmp/hellofmt-defaults")))
     args = ap.parse_args(argv)
@@ -74,12 +75,13 @@ def main(argv: list[str] | None = None) -> None:
             and (args.foundation is None or r.get("foundation") == args.foundation)]
     for r in rows:
         r["images_sha256"] = images_hash(r, args.cache)
+    shown = rows if not args.only else [r for c in args.only for r in rows if r["config"] == c]
     full = {r["images_sha256"]: r for r in rows if all(r["arms"].get(k) for k in ("hard", "teacher"))}
     ref = next((r for r in rows if r["config"] == args.reference), None)
     print(f"| {args.dataset} config | overrides | agreement | bundle | hard | teacher | random | b - h (s.e.) "
           f"| IOR (s.e.) | b/t | bundle vs {args.reference} | random vs {args.reference} |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    for r in shown:
         arms = dict(r["arms"])
         partner = full.get(r["images_sha256"])
         for k in ("hard", "teacher"):

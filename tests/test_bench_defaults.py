@@ -1,9 +1,11 @@
-"""benchmarks/defaults/data.py: weak teachers are checkpoints of the teacher's own training run (the
-quickstart's recipe, with its ``on_epoch`` hook), saved once beside the teacher and loaded back."""
+"""benchmarks/defaults: weak teachers are checkpoints of the teacher's own training run (data.py, on the
+quickstart's recipe with its ``on_epoch`` hook), saved once beside the teacher and loaded back; compare.py
+pairs a lever's bundle and random arms with the hard and teacher arms of the row that has the same images."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -15,8 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ROOT / "benchmarks" / "defaults"
 
 
-def _load_data():
-    spec = importlib.util.spec_from_file_location("hellofmt_bench_defaults_data", DEFAULTS / "data.py")
+def _load_data(name: str = "data"):
+    spec = importlib.util.spec_from_file_location(f"hellofmt_bench_defaults_{name}", DEFAULTS / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     sys.path.insert(0, str(DEFAULTS))
     try:
@@ -65,3 +67,27 @@ def test_weak_teachers_are_saved_once_and_differ(tmp_path):
         assert torch.equal(first[0](x), again[0](x))
         assert not torch.equal(first[0](x), first[1](x))
     assert not first[0].training
+
+
+def test_compare_fills_the_image_arms_from_the_row_with_the_same_images(tmp_path, capsys):
+    compare = _load_data("compare")
+    base = {"dataset": "s", "foundation": "f", "eval_s": 1.0, "agreement_heldout": 0.9}
+    rows = [
+        {**base, "config": "ref", "overrides": {}, "images_sha256": "aa",
+         "arms": {"bundle": [0.60, 0.62, 0.64], "hard": [0.30, 0.31, 0.32], "teacher": [0.60, 0.60, 0.60],
+                  "random": [0.55, 0.56, 0.60]}},
+        {**base, "config": "lever", "overrides": {"rank": 8}, "images_sha256": "aa",
+         "arms": {"bundle": [0.59, 0.62, 0.62], "random": [0.55, 0.55, 0.59]}},
+        {**base, "config": "other", "overrides": {"x": 1}, "images_sha256": "bb",
+         "arms": {"bundle": [0.5, 0.5, 0.5], "random": [0.5, 0.5, 0.5]}},
+    ]
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    compare.main([str(f), "--dataset", "s", "--reference", "ref", "--cache", str(tmp_path)])
+    lines = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
+    lever, other = lines["lever"], lines["other"]
+    assert lever[4] == "31.0 ± 0.8" and lever[5] == "60.0 ± 0.0"  # the reference's hard and teacher arms
+    assert lever[7] == "+30.0 (0.6)"  # bundle - hard per seed: 29, 31, 30 (s.d. 1, s.e. 1/sqrt 3)
+    assert lever[9] == "1.02"  # 61.0 / 60.0
+    assert lever[10] == "-1.0 (0.6)"  # bundle vs ref per seed: -1, 0, -2
+    assert other[4] == "-" and other[5] == "-" and other[7] == "-"  # other images: no partner
