@@ -161,7 +161,7 @@ class BuildConfig:
         0, "Steps that fine-tune the projector's deltas to the teacher on views of the bundle's own images "
         "(the label recipe's crops and mixing), after the images are chosen: the only images whose views the "
         "projector will label. 0 (the default): off; 2,000 steps cost students 6.8 points on shapes32 under a "
-        "pretrained foundation, and moved them by -0.7 to +2.0 under a random-weight one (benchmarks/README.md).")
+        "pretrained foundation, and moved them by -0.7 to +2.0 under one with random weights (benchmarks/README.md).")
     refine_steps: int = option(0, "Image refinement steps, per block of --refine-chunk images (0: off).",
                                resume=True)
     refine_lr: float = option(0.01, "Learning rate of the image refinement (Adam).")
