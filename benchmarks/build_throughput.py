@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from devices import check_device  # noqa: E402  (benchmarks/devices.py)
+from devices import check_device, sync  # noqa: E402  (benchmarks/devices.py)
 
 TINY_CONFIG = str(ROOT / "tests" / "data" / "hf-test-tiny-vit.json")
 PARTS = ("data", "compute", "loop", "refine", "open")
@@ -150,11 +150,6 @@ def make_projector(foundation: str, names: list[str], device: torch.device):
     return projector
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _distill_config(args, steps: int):
     from hellofmt.builder.distill import DistillConfig
 
@@ -184,7 +179,7 @@ def bench_data(dataset, args, device: torch.device) -> float:
     for images, _labels, _failed in it:
         images = images.to(device, non_blocking=True)
         n += images.shape[0]
-    _sync(device)
+    sync(device)
     rate = n / (time.perf_counter() - t)
     del it, loader
     return rate
@@ -216,11 +211,11 @@ def bench_compute(projector, teacher, batch: torch.Tensor, labels: torch.Tensor,
 
     for k in range(2):  # warm-up
         step(k)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for k in range(args.compute_steps):
         step(k)
-    _sync(device)
+    sync(device)
     projector.eval()
     return args.compute_steps * images.shape[0] / (time.perf_counter() - t0)
 
@@ -236,11 +231,11 @@ def bench_loop(projector, teacher, dataset, args, device: torch.device, tmp: Pat
     times = {}
     for steps in (args.loop_warmup, args.steps):
         store = CheckpointStore(tmp / f"ckpt-{steps}", enabled=False)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         distill_projector(projector, teacher, dataset, _distill_config(args, steps), world=world, store=store,
                           progress=False)
-        _sync(device)
+        sync(device)
         times[steps] = time.perf_counter() - t0
     bs = args.batch_size
     steady = (args.steps - args.loop_warmup) * bs / (times[args.steps] - times[args.loop_warmup])

@@ -1,4 +1,5 @@
-"""``--device`` of the benchmark scripts: a device this machine has, or a one-line error that names it.
+"""What the benchmark scripts share about devices: ``--device`` as a device this machine has (or a one-line
+error that names it), ``--clock``, and waiting for the device before a clock is read.
 
     python benchmarks/label_throughput.py --device cuda     # on a machine without CUDA:
     label_throughput.py: error: --device cuda: no CUDA device is visible (torch.cuda.is_available() is False); ...
@@ -6,7 +7,10 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
+from collections.abc import Callable
 
 import torch
 
@@ -35,3 +39,22 @@ def check_device(text: str, prog: str) -> torch.device:
     if dev.type != "cpu":
         fail(prog, f"--device {text}: these benchmarks run on cpu or cuda")
     return dev
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (CUDA), so that a clock read next measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def add_clock_option(parser: argparse.ArgumentParser) -> None:
+    """``--clock auto|wall|cpu``; :func:`clock` resolves it."""
+    parser.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
+                        help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared machine (auto: "
+                             "cpu on a CPU device, wall on CUDA)")
+
+
+def clock(name: str, device: torch.device) -> tuple[str, Callable[[], float]]:
+    """``--clock`` for ``device``: (the clock's name, the function to read it)."""
+    name = name if name != "auto" else ("cpu" if device.type == "cpu" else "wall")
+    return name, (time.process_time if name == "cpu" else time.perf_counter)

@@ -68,7 +68,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from devices import check_device, fail  # noqa: E402  (benchmarks/devices.py)
+from devices import check_device, fail, sync  # noqa: E402  (benchmarks/devices.py)
 
 PROG = "imagenet_predict.py"
 IN1K_IMAGES = 1_281_167  # ImageNet-1K's training split
@@ -209,10 +209,7 @@ class Probe:
         self._undo: list[tuple[object, str, object]] = []
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(self.device)
+        sync(self.device)
 
     def add(self, key: str, seconds: float, count: float | None = None) -> None:
         self.times[key] = self.times.get(key, 0.0) + seconds
@@ -366,12 +363,13 @@ def build_steps(train_images: int, batch: int, world: int, *, epochs: float, min
 
 
 def held_out(images: int, classes: int, fraction: float, max_count: int = 2000) -> int:
-    """Held-out images of ``split_holdout`` for ``images`` spread evenly over ``classes`` (its quota rule)."""
-    if fraction <= 0:
-        return 0
-    want = min(max_count, max(1, round(fraction * images)))
-    quota = max(1, round(want / classes))
-    return classes * min(quota, images // classes - 1)
+    """Held-out images that ``split_holdout`` keeps from ``images`` spread evenly over ``classes``."""
+    import torch
+
+    from hellofmt.builder.inputs import split_holdout
+
+    labels = torch.arange(images) % classes
+    return len(split_holdout(labels, fraction, seed=0, max_count=max_count)[1])
 
 
 def round_views(n_images: int, views: int) -> int:

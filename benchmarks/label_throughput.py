@@ -36,12 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from devices import check_device  # noqa: E402  (benchmarks/devices.py)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from devices import add_clock_option, check_device, sync  # noqa: E402  (benchmarks/devices.py)
+from devices import clock as pick_clock  # noqa: E402
 
 
 def _autocast(device: torch.device):
@@ -65,13 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stored-size", type=int, default=64, help="side of the stored images")
     p.add_argument("--mix", default="cutmix")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument(
-        "--clock",
-        choices=("auto", "wall", "cpu"),
-        default="auto",
-        help="wall: elapsed time; cpu: this process's CPU time, robust on a shared machine (auto: cpu "
-        "on a CPU device, wall on CUDA)",
-    )
+    add_clock_option(p)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     device = check_device(args.device, "label_throughput.py")
     bs = args.batch_size
-    clock_name = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
-    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    clock_name, clock = pick_clock(args.clock, device)
     tmp = tempfile.TemporaryDirectory(prefix="hellofmt-bench-")
     t0 = time.perf_counter()
     ipc = max(2, -(-bs // 10))
@@ -152,14 +141,14 @@ def main(argv: list[str] | None = None) -> None:
     cases = {"bare": bare, "merged": run_merged, "unmerged": run_unmerged, "loader": loader, "single": single}
     for fn in cases.values():  # warm-up
         fn()
-    _sync(device)
+    sync(device)
     rates: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(args.reps):
         for name, fn in cases.items():
-            _sync(device)
+            sync(device)
             t = clock()
             n = fn()
-            _sync(device)
+            sync(device)
             rates[name].append(n / (clock() - t))
     med = {k: statistics.median(v) for k, v in rates.items()}
 

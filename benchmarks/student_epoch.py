@@ -140,9 +140,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads")
-    p.add_argument("--clock", choices=("auto", "wall", "cpu"), default="auto",
-                   help="wall: elapsed time; cpu: this process's CPU time, steadier on a shared machine (auto: cpu "
-                        "on a CPU device, wall on CUDA)")
+    devices.add_clock_option(p)
     p.add_argument("--bundle", type=Path, default=None,
                    help="build the bundle here, or reuse the one already here (default: a temporary folder)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
@@ -306,8 +304,7 @@ def run(args, device: torch.device) -> dict:
     amp, label_amp = args.amp, args.label_amp or args.amp
     channels_last = args.channels_last
     overlap = args.overlap and device.type == "cuda"
-    clock_name = args.clock if args.clock != "auto" else ("cpu" if device.type == "cpu" else "wall")
-    clock = time.process_time if clock_name == "cpu" else time.perf_counter
+    clock_name, clock = devices.clock(args.clock, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     bs, size, steps = args.batch, args.image_size, args.steps
@@ -450,23 +447,19 @@ def run(args, device: torch.device) -> dict:
     if overlap:
         arms["b_serial"] = arm_b_serial
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     t0 = time.perf_counter()
     for fn in arms.values():
         if args.warmup:
             fn(min(args.warmup, steps))
-    sync()
+    devices.sync(device)
     print(f"warm-up {time.perf_counter() - t0:.1f}s", flush=True)
     rates: dict[str, list[float]] = {k: [] for k in arms}
     for _ in range(args.reps):
         for name, fn in arms.items():
-            sync()
+            devices.sync(device)
             t = clock()
             n = fn(steps)
-            sync()
+            devices.sync(device)
             rates[name].append(n / max(clock() - t, 1e-9))
     med = {k: statistics.median(v) for k, v in rates.items()}
     same = torch.equal(last_b[f"{steps - 1}"], views[steps - 1])

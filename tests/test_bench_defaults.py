@@ -4,28 +4,20 @@ pairs a lever's bundle and random arms with the hard and teacher arms of the row
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = ROOT / "benchmarks" / "defaults"
 
 
 def _load_data(name: str = "data"):
-    spec = importlib.util.spec_from_file_location(f"hellofmt_bench_defaults_{name}", DEFAULTS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(DEFAULTS))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(DEFAULTS))
-    return mod
+    return load_script(DEFAULTS / f"{name}.py", f"hellofmt_bench_defaults_{name}")
 
 
 def _folder(root: Path, classes: int = 2, per_class: int = 6, size: int = 16) -> None:

@@ -10,13 +10,13 @@ a 200-class tiny bundle; nothing is downloaded and DD-Ranking runs unmodified.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 pytestmark = [
     pytest.mark.live,
@@ -33,10 +33,7 @@ SIZE = 16
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("ddranking_eval", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(EXAMPLE, "ddranking_eval")
 
 
 def _write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor) -> None:

@@ -5,7 +5,6 @@ device this machine lacks is a one-line error."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "imagenet_predict.py"
@@ -23,10 +23,7 @@ STAGES = ("inputs", "distill", "images", "refine", "fidelity", "write")
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("imagenet_predict", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "imagenet_predict")
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -4,13 +4,12 @@ config, and check the refusals (over budget, a source with nothing to draw, weig
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 FOUNDATIONS = ROOT / "benchmarks" / "foundations"
@@ -18,14 +17,7 @@ TINY = ROOT / "tests" / "data" / "hf-test-tiny-vit.json"
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(f"hellofmt_bench_{name}", FOUNDATIONS / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(FOUNDATIONS))
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        sys.path.remove(str(FOUNDATIONS))
-    return mod
+    return load_script(FOUNDATIONS / f"{name}.py", f"hellofmt_bench_{name}")
 
 
 @pytest.fixture(autouse=True)

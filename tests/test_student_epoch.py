@@ -5,7 +5,6 @@ the batch asked."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "student_epoch.py"
@@ -70,9 +70,7 @@ def test_the_throughput_benchmarks_refuse_a_missing_gpu_the_same_way(script):
 
 
 def test_out_of_memory_names_the_batch(monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("hellofmt_bench_student_epoch", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script(SCRIPT, "hellofmt_bench_student_epoch")
 
     def oom(args, device):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

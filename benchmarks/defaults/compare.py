@@ -28,6 +28,14 @@ from pathlib import Path
 import numpy as np
 
 
+def images_sha256(ds) -> str:
+    """A short sha256 of an opened bundle's decoded images and labels (``DistilledDataset``): equal for two
+    bundles with the same images. The image files' own sha256 would not do: safetensors writes its header's
+    metadata in an order that varies from run to run."""
+    return hashlib.sha256(ds.images.cpu().contiguous().numpy().tobytes()
+                          + ds.targets.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
 def images_hash(row: dict, cache: Path) -> str | None:
     """The row's ``images_sha256``, or the same hash computed from its bundle in ``cache`` (first match of
     ``bundles/{dataset}-{config}-*`` whose ``hellofmt.json`` records the row's foundation)."""
@@ -41,8 +49,7 @@ def images_hash(row: dict, cache: Path) -> str | None:
         if row.get("foundation") and row["foundation"] not in (d / "hellofmt.json").read_text():
             continue
         ds = DistilledDataset(str(d), device="cpu")
-        return hashlib.sha256(ds.images.cpu().contiguous().numpy().tobytes()
-                              + ds.targets.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+        return images_sha256(ds)
     return None
 
 

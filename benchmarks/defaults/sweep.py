@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import images_sha256  # noqa: E402
+
 import data as bdata  # noqa: E402
 
 # Build options per named configuration (on top of hellofmt's current defaults).
@@ -173,10 +175,7 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
            "agreement_heldout": m.get("fidelity.heldout.top1_agreement"),
            # Arms other than bundle and random depend on the images alone: rows with the same images_sha256
            # share them (run with --arms bundle,random and pair with the row that has them).
-           # (over the decoded pixels and labels: the files' own sha256 also covers safetensors' header, whose
-           # metadata order varies from run to run)
-           "images_sha256": hashlib.sha256(ds.images.cpu().contiguous().numpy().tobytes()
-                                           + ds.targets.cpu().contiguous().numpy().tobytes()).hexdigest()[:16],
+           "images_sha256": images_sha256(ds),
            "distill_steps": m.get("distill.steps"), "init_teacher_top1": m.get("images.init_teacher_top1"),
            "arms": {k: [round(v, 4) for v in vs] for k, vs in arms.items()},
            "mean": {k: round(float(np.mean(v)), 4) for k, v in arms.items()},
