@@ -267,7 +267,9 @@ def export(bundle: str, directory: str) -> None:
               help="The original training image folder, for the random arm (default: none, no random arm).")
 @click.option("--train-classes", type=click.Path(path_type=str),
               help="Class map for --train-data's folders (default: --val-classes).")
-@click.option("--seeds", default=3, show_default=True, help="Students per arm (seeds 0..K-1).")
+@click.option("--seeds", default=3, show_default=True, help="Students per arm (seeds F..F+K-1, F: --first-seed).")
+@click.option("--first-seed", default=0, show_default=True,
+              help="The first seed: --first-seed 3 --seeds 5 adds seeds 3..7 to an earlier run of --seeds 3.")
 @click.option("--epochs", type=int, help="Student epochs (default: the protocol's).")
 @click.option("--batch-size", type=int, help="Batch size, global under torchrun (default: the protocol's).")
 @click.option("--lr", type=float, help="Student learning rate (default: the protocol's).")

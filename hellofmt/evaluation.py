@@ -690,6 +690,7 @@ def evaluate(
     val_classes: str | os.PathLike[str] | dict[str, str] | None = None,
     train_classes: str | os.PathLike[str] | dict[str, str] | None = None,
     seeds: int = 3,
+    first_seed: int = 0,
     device: str | torch.device | None = None,
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -722,7 +723,9 @@ def evaluate(
         val_classes: folder -> class name map (a JSON/TSV file as build's ``--classes``, or a dict)
             for ``val``'s folders.
         train_classes: the same for ``train_data`` (default: ``val_classes``).
-        seeds: students per arm (seeds ``0 .. seeds - 1``).
+        seeds: students per arm (seeds ``first_seed .. first_seed + seeds - 1``).
+        first_seed: the first student seed (default 0). A run with ``first_seed=K`` adds students to an
+            earlier run of ``seeds=K``: the same seed trains the same student on the same random subset.
         device: ``cpu``, ``cuda``, ``cuda:N`` (default: ``cuda:LOCAL_RANK`` if available).
         epochs, batch_size, lr, weight_decay, temperature, mix, image_size: override the protocol's
             (``batch_size`` is global across torchrun processes; ``image_size`` defaults to the
@@ -747,6 +750,10 @@ def evaluate(
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise EvalInputError(f"expected an integer >= 1, got {seeds!r}", field="--seeds",
                              fix="train at least one student per arm (3 is the default)")
+    if isinstance(first_seed, bool) or not isinstance(first_seed, int) or first_seed < 0:
+        raise EvalInputError(f"expected an integer >= 0, got {first_seed!r}", field="--first-seed",
+                             fix="give the first seed to train, e.g. 3 to add students to a run of --seeds 3")
+    seed_list = list(range(first_seed, first_seed + seeds))
     proto = get_protocol(protocol, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                          temperature=temperature, mix=mix, image_size=image_size)
     spec = parse_student_spec(student or proto.student)
@@ -833,7 +840,7 @@ def evaluate(
         results = {a: ArmResult(a) for a in arm_list}
         random_bad = 0
         for arm in arm_list:
-            for seed in range(seeds):
+            for seed in seed_list:
                 t0 = time.perf_counter()
                 src = sources.get(arm)
                 if arm == "random":
@@ -852,7 +859,7 @@ def evaluate(
             protocol=proto,
             student=student_desc,
             arms=results,
-            seeds=list(range(seeds)),
+            seeds=seed_list,
             val_count=int(val_y.numel()),
             val_skipped=skipped,
             device=str(world.device),

@@ -83,3 +83,37 @@ def test_compare_fills_the_image_arms_from_the_row_with_the_same_images(tmp_path
     assert lever[9] == "1.02"  # 61.0 / 60.0
     assert lever[10] == "-1.0 (0.6)"  # bundle vs ref per seed: -1, 0, -2
     assert other[4] == "-" and other[5] == "-" and other[7] == "-"  # other images: no partner
+
+
+def test_compare_joins_a_run_trained_in_parts_seed_after_seed(tmp_path, capsys):
+    compare = _load_data("compare")
+    base = {"dataset": "s", "foundation": "f", "eval_s": 1.0, "agreement_heldout": 0.9, "config": "default",
+            "overrides": {}, "images_sha256": "aa"}
+    rows = [
+        {**base, "arms": {"bundle": [0.60, 0.62, 0.64], "hard": [0.30, 0.31, 0.32], "teacher": [0.6] * 3,
+                          "random": [0.61, 0.62, 0.63]}},
+        # seeds 3-5 of the same run (--first-seed 3), bundle and random only
+        {**base, "first_seed": 3, "arms": {"bundle": [0.50, 0.52, 0.54], "random": [0.52, 0.54, 0.56]}},
+        # a repeat of seeds 0-2 and a part that leaves a gap add nothing
+        {**base, "arms": {"bundle": [0.9, 0.9, 0.9], "random": [0.1, 0.1, 0.1]}},
+        {**base, "first_seed": 9, "arms": {"bundle": [0.9], "random": [0.1]}},
+    ]
+    merged = compare.merge_seeds([dict(r) for r in rows])
+    assert len(merged) == 1
+    arms = merged[0]["arms"]
+    assert arms["bundle"] == [0.60, 0.62, 0.64, 0.50, 0.52, 0.54]
+    assert arms["random"] == [0.61, 0.62, 0.63, 0.52, 0.54, 0.56]
+    assert arms["hard"] == [0.30, 0.31, 0.32]  # not extended: the parts had no hard arm
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    compare.main([str(f), "--dataset", "s", "--cache", str(tmp_path)])
+    line = [row for row in capsys.readouterr().out.splitlines() if row.startswith("| default")][0].split(" | ")
+    assert line[3] == "57.0 ± 5.3"  # the bundle arm over six seeds (population s.d.)
+    assert line[7] == "+31.0 (0.6)"  # bundle - hard on the seeds both have (0-2): 30, 31, 32
+    assert line[8] == "-1.0 (0.5)"  # IOR over six seeds: -1, 0, 1, -2, -2, -2 (s.d. 1.26)
+
+
+def test_aligned_pairs_rows_by_seed_not_by_position():
+    compare = _load_data("compare")
+    assert compare.aligned([1, 2, 3, 4], 0, [30, 40], 2) == ([3, 4], [30, 40])
+    assert compare.aligned([30, 40], 2, [1, 2, 3, 4], 0) == ([30, 40], [3, 4])

@@ -114,6 +114,24 @@ def test_same_seed_same_student(tiny_bundle, dirs):
     assert a.arms["bundle"].accuracies == b.arms["bundle"].accuracies
 
 
+def test_first_seed_adds_the_students_a_longer_run_would_have_trained(tiny_bundle, dirs):
+    whole = _evaluate(tiny_bundle, dirs["val"], arms="bundle,random", train_data=dirs["train"], seeds=2, epochs=2)
+    later = _evaluate(tiny_bundle, dirs["val"], arms="bundle,random", train_data=dirs["train"], seeds=1,
+                      first_seed=1, epochs=2)
+    assert later.seeds == [1] and later.to_dict()["seeds"] == [1]
+    # the two seeds' random subsets differ, so a first_seed that were ignored (seed 0) would be seen
+    assert whole.arms["random"].accuracies[0] != whole.arms["random"].accuracies[1]
+    for arm in ("bundle", "random"):  # seed 1 trains the same student on the same random subset
+        assert later.arms[arm].accuracies == whole.arms[arm].accuracies[1:]
+
+
+@pytest.mark.parametrize("first", [-1, 1.5, True])
+def test_first_seed_must_be_a_natural_number(tiny_bundle, dirs, first):
+    with pytest.raises(EvalInputError, match="integer >= 0") as e:
+        _evaluate(tiny_bundle, dirs["val"], first_seed=first)
+    assert e.value.field == "--first-seed"
+
+
 # --------------------------------------------------------------------------------------------------
 # the arms see the same views
 # --------------------------------------------------------------------------------------------------

@@ -63,6 +63,42 @@ def test_glyph_source_without_fonts_is_an_error_not_an_empty_run(captions):
         captions.make_sources([])
 
 
+def _emoji_or_symbol_font(captions) -> list[str]:
+    """A colour emoji font if installed (fonts-noto-color-emoji), else any installed font with some of the
+    emoji ranges' older symbols (DejaVu has the sun, the snowman...): the source's code runs either way."""
+    fonts = captions.find_emoji_fonts() or captions.find_fonts()
+    if not fonts:
+        pytest.skip("no font installed: apt-get install fonts-noto-color-emoji (or fonts-dejavu-core)")
+    return fonts
+
+
+def test_emoji_captions_are_the_unicode_names_of_what_was_drawn(captions):
+    fonts = _emoji_or_symbol_font(captions)
+    src = captions.Emoji(fonts)
+    if captions.find_emoji_fonts():
+        assert len(src) > 1000, src.font_path  # Noto Color Emoji: about 1,250 named emoji in these ranges
+    elif len(src) == 0:
+        pytest.skip("no installed font draws any of the emoji ranges: apt-get install fonts-noto-color-emoji")
+    assert len(src.names) == len(src.glyphs)
+    # the font's "no glyph" box is not an emoji, and neither digits, letters nor keycaps are (glyphs' work)
+    assert not any(w.lower() in n for n in src.names for w in captions.EMOJI_SKIP)
+    rng = np.random.default_rng(0)
+    imgs, caps = captions.batch([src], [1.0], rng, 24, 32)
+    assert imgs.shape == (24, 32, 32, 3) and imgs.dtype == np.uint8
+    assert all(any(n in c for n in src.names) for c in caps)
+    assert len({imgs[i].tobytes() for i in range(24)}) == 24
+    # deterministic by the generator's seed
+    again, caps2 = captions.batch([src], [1.0], np.random.default_rng(0), 24, 32)
+    assert caps2 == caps and np.array_equal(again, imgs)
+
+
+def test_emoji_source_without_a_colour_font_is_an_error_naming_the_package(captions, monkeypatch):
+    monkeypatch.setattr(captions, "find_emoji_fonts", lambda extra_dirs=(): [])
+    with pytest.raises(captions.CaptionError, match="fonts-noto-color-emoji"):
+        captions.make_sources(["emoji"])
+    assert len(captions.Emoji(fonts=[])) == 0
+
+
 def test_a_config_over_the_budget_is_refused_with_the_estimate_and_the_flag(pretrain, tmp_path):
     import open_clip
 

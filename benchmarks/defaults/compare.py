@@ -14,6 +14,9 @@ A row run with ``--arms bundle,random`` (a lever that keeps the images) takes it
 the row of the same set and foundation whose images are the same (``images_sha256``; for rows written
 before that field, the hash is computed from the row's bundle in ``--cache``). A row whose images have no
 such partner shows ``-`` for what it lacks.
+
+Rows of one run trained in parts (``sweep.py --first-seed``) are joined first, seed after seed; paired figures
+use the seeds both sides have (a 16-seed bundle arm against an 8-seed hard arm: seeds 0-7).
 """
 
 from __future__ import annotations
@@ -59,6 +62,40 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return 100 * float(d.mean()), 100 * float(d.std(ddof=1)) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
 
 
+def aligned(a: list[float], first_a: int, b: list[float], first_b: int) -> tuple[list[float], list[float]]:
+    """The seeds two rows share, in order: ``a`` starts at seed ``first_a``, ``b`` at ``first_b``."""
+    start = max(first_a, first_b)
+    return a[start - first_a:], b[start - first_b:]
+
+
+def merge_seeds(rows: list[dict]) -> list[dict]:
+    """Join the rows of one run whose seeds were trained in parts (``sweep.py --first-seed``): same set,
+    config, overrides, foundation and images. Each arm is extended only where the next part starts at
+    the seed after its last (a part that repeats seeds, or leaves a gap, adds nothing to that arm)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        key = json.dumps([r["dataset"], r["config"], r.get("foundation"), r["overrides"], r.get("images_sha256")],
+                         sort_keys=True)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for parts in groups.values():
+        parts = sorted(parts, key=lambda r: r.get("first_seed", 0))
+        merged = {**parts[0], "arms": {k: list(v) for k, v in parts[0]["arms"].items()}}
+        first = merged.get("first_seed", 0)
+        for p in parts[1:]:
+            for k, v in p["arms"].items():
+                have = merged["arms"].get(k, [])
+                if v and len(have) == p.get("first_seed", 0) - first and (have or p.get("first_seed", 0) == first):
+                    merged["arms"][k] = have + list(v)
+        out.append(merged)
+    return out
+
+
+def vs_ref(arm: list[float], row: dict, ref: dict, name: str) -> str:
+    """An arm of ``row`` against the same arm of the reference row, paired on the seeds both have."""
+    return fmt_pair(paired(*aligned(arm, row.get("first_seed", 0), ref["arms"][name], ref.get("first_seed", 0))))
+
+
 def fmt_arm(v: list[float] | None) -> str:
     return "-" if not v else f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"
 
@@ -82,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             and (args.foundation is None or r.get("foundation") == args.foundation)]
     for r in rows:
         r["images_sha256"] = images_hash(r, args.cache)
+    rows = merge_seeds(rows)
     shown = rows if not args.only else [r for c in args.only for r in rows if r["config"] == c]
     full = {r["images_sha256"]: r for r in rows if all(r["arms"].get(k) for k in ("hard", "teacher"))}
     ref = next((r for r in rows if r["config"] == args.reference), None)
@@ -101,8 +139,8 @@ def main(argv: list[str] | None = None) -> None:
                  fmt_arm(b), fmt_arm(h), fmt_arm(t), fmt_arm(rnd),
                  fmt_pair(paired(b, h) if b and h else None), fmt_pair(paired(b, rnd) if b and rnd else None),
                  f"{np.mean(b) / np.mean(t):.2f}" if b and t else "-",
-                 fmt_pair(paired(b, ref["arms"]["bundle"])) if ref and ref is not r else "",
-                 fmt_pair(paired(rnd, ref["arms"]["random"])) if ref and ref is not r and rnd else ""]
+                 vs_ref(b, r, ref, "bundle") if ref and ref is not r else "",
+                 vs_ref(rnd, r, ref, "random") if ref and ref is not r and rnd else ""]
         print("| " + " | ".join(cells) + " |")
 
 

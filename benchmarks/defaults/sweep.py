@@ -156,7 +156,7 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
 
         t1 = time.perf_counter()
         ev = evaluate(str(out), str(info["test"]), teacher=info["teacher_spec"], train_data=str(info["train"]),
-                      seeds=args.seeds, device=args.device, progress=False, arms=args.arms)
+                      seeds=args.seeds, first_seed=args.first_seed, device=args.device, progress=False, arms=args.arms)
         eval_s = time.perf_counter() - t1
         arms = {k: list(v["accuracies"]) for k, v in ev.to_dict()["arms"].items()}
     for seed in range(0 if args.use_eval else args.seeds):
@@ -167,6 +167,7 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
                                size=info["size"])
             arms[arm].append(accuracy(st, info["test_x"], info["test_y"], args.device))
     res = {"dataset": args.dataset, "config": name, "overrides": overrides, "ipc": args.ipc,
+           "first_seed": args.first_seed if args.use_eval else 0,
            "foundation": getattr(args, "foundation_name", None) or Path(fnd).name,
            "image_size": int(ds.images.shape[-1]),
            "teacher_acc": info["teacher_acc"], "build_s": round(build_s, 1),
@@ -188,6 +189,8 @@ def main() -> None:
     ap.add_argument("--dataset", required=True, choices=bdata.DATASETS)
     ap.add_argument("--config", action="append", default=[], help="a name from CONFIGS, or NAME=JSON overrides")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="with --use-eval: the first student seed (add seeds to an earlier row)")
     ap.add_argument("--foundation", help="the foundation: a spec string, or a pretrained preset of "
                     "benchmarks/foundations/pretrain.py (clip32, clip64: made on first use and cached) "
                     "(default: the dataset's random-weight tiny ViT, data.FOUNDATIONS)")

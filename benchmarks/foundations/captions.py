@@ -13,6 +13,9 @@ Sources (``SOURCES``):
   fonts-noto-core fonts-urw-base35`` gives more), at a random size, weight, slant, position and
   polarity, sometimes rendered small and upsampled (a blurry low-resolution copy);
   "the digit 7", "a photo of the digit seven", "the letter g".
+- ``emoji``: an emoji from a colour emoji font (``apt-get install fonts-noto-color-emoji``; about
+  1,200 of them), captioned with its Unicode name ("a photo of a llama.", "the hot beverage emoji"),
+  on the shapes' backgrounds at a random size, place and tilt. Not in the clip32/clip64 presets.
 - ``shapes``: a textured shape (disk, bar, square, triangle, ring, cross) on a plain, gradient or
   noisy background, sometimes with clutter; "a horizontal disk", "a large red bar with checker
   pattern on the left".
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import glob
 import os
+import unicodedata
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -59,6 +63,24 @@ def find_fonts(extra_dirs: Sequence[str] = ()) -> list[str]:
         for ext in ("ttf", "otf", "TTF", "OTF"):
             found.update(glob.glob(os.path.join(root, "**", f"*.{ext}"), recursive=True))
     return sorted(f for f in found if "emoji" not in os.path.basename(f).lower())
+
+
+def _background(rng: np.random.Generator, s: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """A float ``[s, s, 3]`` background: plain, a gradient, or noise blocks."""
+    kind = rng.random()
+    if kind < 0.4:
+        img = np.tile(rng.uniform(0, 1, 3), (s, s, 1))
+    elif kind < 0.75:
+        a, b = rng.uniform(0, 1, (2, 3))
+        t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) / s
+        t = ((t - t.min()) / max(1e-6, float(t.max() - t.min())))[..., None]
+        img = a * (1 - t) + b * t
+    else:
+        g = int(rng.integers(2, 6))
+        blocks = rng.uniform(0, 1, (g, g, 3))
+        img = np.asarray(Image.fromarray((blocks * 255).astype(np.uint8)).resize((s, s), Image.Resampling.BILINEAR),
+                         dtype=np.float32) / 255.0
+    return img
 
 
 class Glyphs:
@@ -150,20 +172,7 @@ class Shapes:
         yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
-        # background: plain, a gradient, or noise blocks
-        kind = rng.random()
-        if kind < 0.4:
-            img = np.tile(rng.uniform(0, 1, 3), (s, s, 1))
-        elif kind < 0.75:
-            a, b = rng.uniform(0, 1, (2, 3))
-            t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) / s
-            t = ((t - t.min()) / max(1e-6, float(t.max() - t.min())))[..., None]
-            img = a * (1 - t) + b * t
-        else:
-            g = int(rng.integers(2, 6))
-            blocks = rng.uniform(0, 1, (g, g, 3))
-            img = np.asarray(Image.fromarray((blocks * 255).astype(np.uint8)).resize((s, s), Image.Resampling.BILINEAR),
-                             dtype=np.float32) / 255.0
+        img = _background(rng, s, xx, yy)
         for _ in range(int(rng.integers(0, 3))):  # clutter: small soft squares and blobs
             cx, cy, r = rng.uniform(0, s), rng.uniform(0, s), rng.uniform(0.04, 0.12) * s
             blob = ((xx - cx) ** 2 + (yy - cy) ** 2 < r * r) if rng.random() < 0.5 else (
@@ -249,7 +258,111 @@ class Shapes:
         return img, phrase
 
 
-SOURCES: dict[str, Callable[[], object]] = {"glyphs": Glyphs, "shapes": Shapes}
+# Code points whose emoji have a one-word-or-more Unicode name worth a caption: pictographs, faces,
+# transport, supplemental symbols, and the older miscellaneous symbols and dingbats.
+EMOJI_RANGES = ((0x1F300, 0x1F5FF), (0x1F600, 0x1F64F), (0x1F680, 0x1F6FF), (0x1F900, 0x1F9FF),
+                (0x1FA70, 0x1FAFF), (0x2600, 0x27BF))
+# Names that are not things (skin-tone modifiers, flag letters) or that would caption a digit or a
+# letter, which belong to the glyphs source.
+EMOJI_SKIP = ("EMOJI MODIFIER", "REGIONAL INDICATOR", "DIGIT", "LETTER", "NUMBER", "KEYCAP", "VARIATION")
+
+
+def find_emoji_fonts(extra_dirs: Sequence[str] = ()) -> list[str]:
+    """Colour emoji font files (``emoji`` in the file name) under the usual system folders."""
+    found: set[str] = set()
+    for root in ("/usr/share/fonts", "/usr/local/share/fonts", os.path.expanduser("~/.fonts"), *extra_dirs):
+        for ext in ("ttf", "otf", "TTF", "OTF"):
+            found.update(glob.glob(os.path.join(root, "**", f"*.{ext}"), recursive=True))
+    return sorted(f for f in found if "emoji" in os.path.basename(f).lower())
+
+
+class Emoji:
+    """Emoji from a colour emoji font (Debian's ``fonts-noto-color-emoji``), captioned with their
+    Unicode names ("a photo of a llama.", "the hot beverage emoji"), on the shapes' backgrounds at a
+    random size, place and tilt.
+
+    Bitmap colour fonts (Noto's CBDT) render at one pixel size only (109 px): every emoji is rendered
+    once at the font's size, cropped to its box, and scaled down per sample."""
+
+    name = "emoji"
+
+    def __init__(self, fonts: Sequence[str] | None = None) -> None:
+        self.font_path: str | None = None
+        self.glyphs: list[Image.Image] = []  # RGBA, cropped to the emoji's box
+        self.names: list[str] = []
+        for path in (find_emoji_fonts() if fonts is None else fonts):
+            font = self._open(path)
+            if font is None:
+                continue
+            self._render_all(font)
+            if self.glyphs:
+                self.font_path = path
+                break
+
+    @staticmethod
+    def _open(path: str) -> ImageFont.FreeTypeFont | None:
+        for size in (109, 136, 137, 128, 96, 64):  # bitmap fonts accept their strike's size only
+            try:
+                return ImageFont.truetype(path, size)
+            except OSError:
+                continue
+        return None
+
+    def _render_all(self, font: ImageFont.FreeTypeFont) -> None:
+        side = int(font.size * 1.3)
+
+        def render(ch: str) -> Image.Image:
+            im = Image.new("RGBA", (side, side), (0, 0, 0, 0))
+            ImageDraw.Draw(im).text((0, 0), ch, font=font, embedded_color=True)
+            return im
+
+        missing = np.asarray(render("\U000F0000"))  # a private-use code point: the font's "no glyph"
+        for lo, hi in EMOJI_RANGES:
+            for cp in range(lo, hi + 1):
+                try:
+                    name = unicodedata.name(chr(cp))
+                except ValueError:
+                    continue
+                if any(w in name for w in EMOJI_SKIP):
+                    continue
+                im = render(chr(cp))
+                a = np.asarray(im)
+                box = im.getbbox()
+                if box is None or a[..., 3].max() == 0 or np.array_equal(a, missing):
+                    continue
+                self.glyphs.append(im.crop(box))
+                self.names.append(name.lower())
+
+    def __len__(self) -> int:
+        return len(self.glyphs)
+
+    def sample(self, rng: np.random.Generator, side: int) -> tuple[np.ndarray, str]:
+        s = side
+        yy, xx = np.mgrid[0:s, 0:s].astype(np.float32)
+        img = _background(rng, s, xx, yy)
+        k = int(rng.integers(len(self.glyphs)))
+        glyph = self.glyphs[k]
+        # Scale the emoji's longer side to 45-95% of the image, tilt it a little, place it anywhere it fits.
+        target = rng.uniform(0.45, 0.95) * s
+        scale = target / max(glyph.size)
+        w, h = max(1, round(glyph.size[0] * scale)), max(1, round(glyph.size[1] * scale))
+        small = glyph.resize((w, h), Image.Resampling.LANCZOS)
+        small = small.rotate(rng.uniform(-15, 15), resample=Image.Resampling.BILINEAR, expand=True)
+        w, h = small.size
+        x = int(rng.integers(0, max(1, s - w + 1))) if w < s else (s - w) // 2
+        y = int(rng.integers(0, max(1, s - h + 1))) if h < s else (s - h) // 2
+        layer = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+        layer.paste(small, (x, y), small)
+        rgba = np.asarray(layer, dtype=np.float32) / 255.0
+        alpha = rgba[..., 3:]
+        img = rgba[..., :3] * alpha + img * (1 - alpha)
+        img = img + rng.normal(0, rng.uniform(0.0, 0.06), img.shape)
+        name = self.names[k]
+        phrase = name if rng.random() < 0.7 else f"{name} emoji"
+        return (img.clip(0, 1) * 255).astype(np.uint8), phrase
+
+
+SOURCES: dict[str, Callable[[], object]] = {"glyphs": Glyphs, "shapes": Shapes, "emoji": Emoji}
 
 
 class CaptionError(ValueError):
@@ -264,6 +377,12 @@ def make_sources(names: Sequence[str], fonts: Sequence[str] | None = None) -> li
         if n not in SOURCES:
             raise CaptionError(f"unknown caption source {n!r}: one of {', '.join(SOURCES)}")
         src = Glyphs(fonts) if n == "glyphs" else SOURCES[n]()
+        if n == "emoji" and len(src) == 0:
+            raise CaptionError(
+                "the emoji source found no colour emoji font that renders (looked for *emoji*.ttf under "
+                "/usr/share/fonts, /usr/local/share/fonts, ~/.fonts): apt-get install fonts-noto-color-emoji, "
+                "or drop 'emoji' from --sources"
+            )
         if n == "glyphs" and len(src) == 0:
             raise CaptionError(
                 "the glyphs source found no usable TrueType font (looked under /usr/share/fonts, "

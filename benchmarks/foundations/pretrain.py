@@ -230,7 +230,7 @@ def train(args) -> dict:
         "source_weights": args.source_weights,
         "fonts": len(captions.find_fonts() if args.fonts is None else args.fonts),
         "threads": args.threads, "train_s": round(train_s, 1), "steps_per_s": round(args.steps / train_s, 3),
-        "final_loss": curve[-1][1] if curve else None, "logit_scale": round(float(model.logit_scale.exp()), 2),
+        "final_loss": curve[-1][1] if curve else None, "logit_scale": round(float(model.logit_scale.detach().exp()), 2),
         "weights_sha256": hashlib.sha256(w_path.read_bytes()).hexdigest(),
         "zero_shot_top1": zs, "loss_curve": curve, "machine": f"{platform.machine()} {os.cpu_count()} CPUs",
         "torch": torch.__version__, "open_clip": open_clip.__version__,
