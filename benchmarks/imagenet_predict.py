@@ -32,8 +32,8 @@ the pipeline calls (nothing in hellofmt is changed; the wrappers are removed aft
   write     the images (``BundleWriter.write_images``) -> scales with the images; the rest -> fixed.
 
 ImageNet-1K is 1,281,167 training images in 1,000 classes. The distillation steps at ImageNet-1K are the
-build's own formula (``max(--min-steps, round(epochs x steps per epoch))``, steps per epoch from the
-distributed sampler) with the example's options: on 1 GPU section 1's (batch 256), on 8 GPUs section 2's
+build's own formula (``hellofmt.builder.distill.planned_steps``: ``max(ceil(--min-steps / processes),
+round(epochs x steps per epoch))``, steps per epoch from the distributed sampler) with the example's options: on 1 GPU section 1's (batch 256), on 8 GPUs section 2's
 torchrun command (batch 128 per process). 8 GPUs are **not measured** here: their column assumes
 data-parallel distillation at the measured time per view on every GPU, plus an all-reduce of the deltas'
 gradients per step (``--allreduce-gbps``, ``--allreduce-latency-ms``, not overlapped with the backward pass:
@@ -356,10 +356,10 @@ def steady_step(step_times: list[float], end: float) -> tuple[float, int]:
 def build_steps(train_images: int, batch: int, world: int, *, epochs: float, min_steps: int) -> int:
     """The distillation steps the build runs for these options (distill_projector's formula, with the
     distributed sampler's steps per epoch of one process)."""
-    from hellofmt.builder.distill import StepBatchSampler
+    from hellofmt.builder.distill import StepBatchSampler, planned_steps
 
     per_epoch = StepBatchSampler(train_images, batch, rank=0, world_size=world).per_epoch
-    return max(1, min_steps, round(epochs * per_epoch))
+    return planned_steps(per_epoch, steps=None, epochs=epochs, min_steps=min_steps, world_size=world)
 
 
 def held_out(images: int, classes: int, fraction: float, max_count: int = 2000) -> int:
@@ -509,8 +509,8 @@ def predict(run: dict, args) -> dict:
         f"ImageNet-1K: {TN:,} training images in {TC:,} classes ({held_t:,} held out for fidelity, as split_holdout "
         f"does), JPEGs decoded as fast as the generated {run['width']}x{run['height']} ones, from the page cache "
         "(the generated files were just written; a cold disk or a network file system may be slower).",
-        f"Distillation steps from the build's formula max(--min-steps {min_steps}, round(epochs x steps per "
-        f"epoch)) with examples/imagenet.md's --epochs 1: 1 GPU batch {b1} -> {steps1:,} steps; {G} GPUs batch "
+        f"Distillation steps from the build's formula max(ceil(--min-steps {min_steps} / processes), round(epochs "
+        f"x steps per epoch)) with examples/imagenet.md's --epochs 1: 1 GPU batch {b1} -> {steps1:,} steps; {G} GPUs batch "
         f"{bg} per process (section 2's torchrun command) -> {stepsg:,} steps on every GPU. With --min-steps 0 "
         f"(--epochs alone): {epochs_alone[0]:,} and {epochs_alone[1]:,} steps.",
         f"Time per view of a step: the measured steady rate ({1e3 * per_step / bs:.3f} ms per view at batch {bs}), "

@@ -292,7 +292,8 @@ def test_torchrun_two_processes_cpu(env):
     out = env["tmp"] / "ddp-bundle"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "hellofmt.cli", "build", "--train-data", str(env["data"]), "--teacher", env["teacher"],
-           "--foundation", TINY_CONFIG, "--out", str(out), "--ipc", "1", "--steps", "4", "--batch-size", "4",
+           "--foundation", TINY_CONFIG, "--out", str(out), "--ipc", "1", "--epochs", "0.01", "--min-steps", "7",
+           "--batch-size", "4",
            "--rank", "2", "--head-rank", "2", "--holdout", "0.2", "--fidelity-views", "1", "--device", "cpu",
            "--quiet"]
     envv = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
@@ -302,7 +303,21 @@ def test_torchrun_two_processes_cpu(env):
     b = Bundle.open(out, verify=True)
     assert b.verify() == []
     assert b.manifest.provenance.extra["world_size"] == 2
+    # the --min-steps floor is shared: 7 steps of one process's batch are ceil(7 / 2) = 4 on each of two
     assert b.manifest.metrics["distill.steps"] == 4
+
+
+def test_planned_steps_share_the_floor_not_the_epochs():
+    from hellofmt.builder.distill import planned_steps
+
+    assert planned_steps(100, steps=None, epochs=1.0, min_steps=6000) == 6000
+    assert planned_steps(100, steps=None, epochs=1.0, min_steps=6000, world_size=8) == 750
+    assert planned_steps(100, steps=None, epochs=1.0, min_steps=6001, world_size=8) == 751  # rounded up
+    # epochs count each process's own share already (the sampler's per_epoch), so they are not divided
+    assert planned_steps(1000, steps=None, epochs=2.0, min_steps=6000, world_size=8) == 2000
+    assert planned_steps(100, steps=None, epochs=1.0, min_steps=0, world_size=8) == 100
+    assert planned_steps(100, steps=37, epochs=1.0, min_steps=6000, world_size=8) == 37  # --steps: as given
+    assert planned_steps(0, steps=None, epochs=0.0, min_steps=0) == 1
 
 
 # --------------------------------------------------------------------------------------------------

@@ -61,6 +61,16 @@ def test_a_short_distillation_warns():
     assert len(w) == 1 and "less than one pass over the 100 training originals" in w[0]
 
 
+def test_the_one_pass_check_counts_every_process():
+    c = BuildConfig(ipc=1, batch_size=8, steps=10).resolved(32)
+    # 10 steps of 8 views: 80 views on one process, under one pass over 100 originals; 160 on two
+    w = build_warnings({"distill.steps": 10.0}, num_classes=3, config=c, train_count=100)
+    assert len(w) == 1 and "80 views in all" in w[0]
+    assert build_warnings({"distill.steps": 10.0}, num_classes=3, config=c, train_count=100, world_size=2) == []
+    w = build_warnings({"distill.steps": 5.0}, num_classes=3, config=c, train_count=100, world_size=2)
+    assert len(w) == 1 and "on each of 2 processes, 80 views in all" in w[0]
+
+
 def test_a_teacher_that_fails_on_the_kept_images_warns_with_the_size():
     c = BuildConfig(ipc=10).resolved(64)
     metrics = {"images.init_teacher_top1": 0.53, "fidelity.heldout.teacher_top1": 0.263}

@@ -74,10 +74,12 @@ def test_tiny_run_measures_every_stage_and_scales_it(tmp_path):
     assert sf["inputs/folder scan (headers)"]["one_gpu"] == pytest.approx(1_281_167 / 80)
     assert sf["images/RDED selection"]["per_gpu"] == pytest.approx(sf["images/RDED selection"]["one_gpu"] / 8)
     steps = sf["distill/optimiser steps"]
+    # one GPU: the 6,000-step floor at batch 256; eight: the floor shared (750 each), so one epoch of
+    # 1,249 steps of 128 per GPU decides
     assert steps["one_gpu"] == pytest.approx(6000 * 256 / (6 * 8)) and steps["per_gpu"] == pytest.approx(
-        steps["one_gpu"] / 2)
+        steps["one_gpu"] * (1249 * 128) / (6000 * 256))
     target = figures["target"]
-    assert target["distill_steps_1gpu"] == target["distill_steps_per_gpu"] == 6000
+    assert target["distill_steps_1gpu"] == 6000 and target["distill_steps_per_gpu"] == 1249
     assert target["held_out"] == 2000 and target["refine_blocks"] == 40
     assert any("not measured" in a for a in figures["assumptions"])
     # the folder is reused
@@ -123,8 +125,11 @@ def test_step_and_held_out_formulas_follow_the_builder():
     mod = _module()
     from hellofmt.builder.inputs import split_holdout
 
-    # ImageNet-1K: --epochs 1 gives fewer steps than --min-steps 6000 on one GPU and on eight
+    # ImageNet-1K: --epochs 1 gives fewer steps than --min-steps 6000 on one GPU; on eight the floor is
+    # shared (750 steps each) and one epoch (1,249 steps of 128 per GPU) is above it
     assert mod.build_steps(1_279_167, 256, 1, epochs=1.0, min_steps=6000) == 6000
+    assert mod.build_steps(1_279_167, 128, 8, epochs=1.0, min_steps=6000) == 1_279_167 // 8 // 128
+    assert mod.build_steps(1_279_167, 128, 8, epochs=0.1, min_steps=6000) == 750
     assert mod.build_steps(1_279_167, 256, 1, epochs=1.0, min_steps=0) == 1_279_167 // 256
     assert mod.build_steps(1_279_167, 128, 8, epochs=1.0, min_steps=0) == 1_279_167 // 8 // 128
     for n, classes in ((80, 4), (1300, 10), (50_000, 100)):

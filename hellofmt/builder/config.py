@@ -156,7 +156,8 @@ class BuildConfig:
     min_steps: int = option(
         6000, "Floor on the distillation steps that --epochs gives: a small training set still gets enough "
         "steps (10 epochs of 1,300 images are 190 steps, far too few; 6000: chosen by students, "
-        "benchmarks/README.md). 0: --epochs alone.")
+        "benchmarks/README.md). 0: --epochs alone. Counted in steps of one process's batch and shared under "
+        "torchrun: N processes run a floor of ceil(N0 / N) steps each, the same views as one process.")
     adapt_steps: int = option(
         0, "Steps that fine-tune the projector's deltas to the teacher on views of the bundle's own images "
         "(the label recipe's crops and mixing), after the images are chosen: the only images whose views the "

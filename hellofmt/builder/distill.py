@@ -102,6 +102,17 @@ def make_views(
     return views, labels, labels[d.perm], lam.float()  # per-sample lam [n]
 
 
+def planned_steps(per_epoch: int, *, steps: int | None, epochs: float, min_steps: int, world_size: int = 1) -> int:
+    """The distillation steps each process runs: ``steps`` if given, else ``epochs`` passes of
+    ``per_epoch`` steps (one process's share, :attr:`StepBatchSampler.per_epoch`), but at least the floor
+    ``min_steps``. The floor is counted in steps of one process's batch and shared among the processes:
+    each of ``world_size`` runs ``ceil(min_steps / world_size)``, so that the floor asks for the same views
+    on 8 GPUs as on one (and 8 GPUs finish it 8 times sooner)."""
+    if steps is not None:
+        return steps
+    return max(1, -(-min_steps // max(1, world_size)), round(epochs * per_epoch))
+
+
 class StepBatchSampler(Sampler[list[int]]):
     """The batches (lists of dataset indices) of optimiser steps ``start`` to ``stop - 1`` of one rank.
 
@@ -222,7 +233,8 @@ def distill_projector(
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     batches = StepBatchSampler(len(dataset), cfg.batch_size, rank=world.rank, world_size=world.size, seed=cfg.seed)
     per_epoch = batches.per_epoch
-    total = cfg.steps if cfg.steps is not None else max(1, cfg.min_steps, round(cfg.epochs * per_epoch))
+    total = planned_steps(per_epoch, steps=cfg.steps, epochs=cfg.epochs, min_steps=cfg.min_steps,
+                          world_size=world.size)
     warmup = round(cfg.warmup * total)
 
     start = 0

@@ -84,6 +84,7 @@ def build_warnings(
     classes: Sequence[str] | None = None,
     skipped_images: Sequence[str] | None = None,
     image_size: int | None = None,
+    world_size: int = 1,
 ) -> list[str]:
     """What about a finished build should worry its user, one sentence each with the fix.
 
@@ -105,6 +106,7 @@ def build_warnings(
         classes: class names, to name the classes concerned.
         skipped_images: the training images that failed to decode (skipped), to name the first few.
         image_size: the synthetic image side, to name it in the fix.
+        world_size: the processes that distilled, each on its own batches (``distill.steps`` is per process).
 
     Returns:
         The warnings, possibly none.
@@ -124,9 +126,11 @@ def build_warnings(
             f"noise. Fix: distil longer (raise --min-steps or --epochs{'; drop --steps' if config.steps else ''}) "
             f"or raise --lr (now {config.lr:g})."
         )
-    if train_count and steps and steps * config.batch_size < train_count:
+    views = steps * config.batch_size * max(1, world_size)
+    if train_count and steps and views < train_count:
+        each = f" on each of {world_size} processes" if world_size > 1 else ""
         out.append(
-            f"distillation ran {steps} step(s) of {config.batch_size} views, {steps * config.batch_size:,} views in "
+            f"distillation ran {steps} step(s) of {config.batch_size} views{each}, {views:,} views in "
             f"all: less than one pass over the {train_count:,} training originals. Fix: raise --min-steps or "
             f"--epochs{' (or drop --steps)' if config.steps else ''}."
         )
@@ -453,7 +457,7 @@ def build_bundle(
                 metrics["inputs.skipped_images"] = len(skipped)
             warnings = build_warnings(
                 metrics, num_classes=num_classes, config=c, train_count=len(train_idx), classes=names,
-                skipped_images=skipped, image_size=size,
+                skipped_images=skipped, image_size=size, world_size=world.size,
                 originals_per_class=(torch.bincount(labels_all[train_idx], minlength=num_classes).tolist()
                                      if images is None and train_idx else None),
             )
