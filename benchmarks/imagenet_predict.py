@@ -33,8 +33,9 @@ the pipeline calls (nothing in hellofmt is changed; the wrappers are removed aft
 
 ImageNet-1K is 1,281,167 training images in 1,000 classes. The distillation steps at ImageNet-1K are the
 build's own formula (``hellofmt.builder.distill.planned_steps``: ``max(ceil(--min-steps / processes),
-round(epochs x steps per epoch))``, steps per epoch from the distributed sampler) with the example's options: on 1 GPU section 1's (batch 256), on 8 GPUs section 2's
-torchrun command (batch 128 per process). 8 GPUs are **not measured** here: their column assumes
+round(epochs x steps per epoch))``, steps per epoch from the distributed sampler) with the example's
+options: on 1 GPU section 1's (batch 256), on 8 GPUs section 2's torchrun command (batch 128 per
+process). 8 GPUs are **not measured** here: their column assumes
 data-parallel distillation at the measured time per view on every GPU, plus an all-reduce of the deltas'
 gradients per step (``--allreduce-gbps``, ``--allreduce-latency-ms``, not overlapped with the backward pass:
 an upper bound); selection split by class and refinement by block across the 8; the folder scan, fidelity
@@ -510,9 +511,9 @@ def predict(run: dict, args) -> dict:
         f"does), JPEGs decoded as fast as the generated {run['width']}x{run['height']} ones, from the page cache "
         "(the generated files were just written; a cold disk or a network file system may be slower).",
         f"Distillation steps from the build's formula max(ceil(--min-steps {min_steps} / processes), round(epochs "
-        f"x steps per epoch)) with examples/imagenet.md's --epochs 1: 1 GPU batch {b1} -> {steps1:,} steps; {G} GPUs batch "
-        f"{bg} per process (section 2's torchrun command) -> {stepsg:,} steps on every GPU. With --min-steps 0 "
-        f"(--epochs alone): {epochs_alone[0]:,} and {epochs_alone[1]:,} steps.",
+        f"x steps per epoch)) with examples/imagenet.md's --epochs 1: 1 GPU batch {b1} -> {steps1:,} steps; "
+        f"{G} GPUs batch {bg} per process (section 2's torchrun command) -> {stepsg:,} steps on every GPU. "
+        f"With --min-steps 0 (--epochs alone): {epochs_alone[0]:,} and {epochs_alone[1]:,} steps.",
         f"Time per view of a step: the measured steady rate ({1e3 * per_step / bs:.3f} ms per view at batch {bs}), "
         "the same at every batch size and on every GPU (at batch 128 a GPU is likely less efficient: optimistic "
         "for the multi-GPU column). Refinement likewise per view of its steps (at batch 128 per process on "
