@@ -174,7 +174,9 @@ class BuildConfig:
     codec: str = option("png", "Codec of the stored images.", choices=CODECS)
     quality: int | None = option(None, "jpeg/webp quality, 1..100 (default: 90 for jpeg/webp; png and raw take none).")
     # -- fidelity ----------------------------------------------------------------------------------
-    holdout: float = option(0.05, "Fraction of original images held out for fidelity.")
+    holdout: float = option(
+        0.05, "Fraction of original images held out for fidelity, spread evenly over the classes and capped at "
+        "about 2,000 in all or one per class, whichever is more (a class keeps at least one training image).")
     fidelity_views: int = option(4, "Augmented views per image for fidelity.")
     # -- output and run ----------------------------------------------------------------------------
     embed_foundation: bool | None = option(
