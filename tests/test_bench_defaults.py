@@ -117,3 +117,13 @@ def test_aligned_pairs_rows_by_seed_not_by_position():
     compare = _load_data("compare")
     assert compare.aligned([1, 2, 3, 4], 0, [30, 40], 2) == ([3, 4], [30, 40])
     assert compare.aligned([30, 40], 2, [1, 2, 3, 4], 0) == ([30, 40], [3, 4])
+
+
+def test_sweep_refuses_an_unknown_config_before_any_work(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(DEFAULTS / "sweep.py"), "--dataset", "shapes32", "--config", "nope",
+                        "--cache", str(tmp_path), "--prepare-only"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unknown --config 'nope'" in r.stderr and "NAME=JSON" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no data made, no teacher trained

@@ -209,6 +209,15 @@ def main() -> None:
                     "bundle,random (pair by images_sha256)")
     ap.add_argument("--prepare-only", action="store_true", help="make the data and teacher, then stop")
     args = ap.parse_args()
+    configs = []
+    for c in args.config or ["default"]:
+        if "=" in c:
+            name, js = c.split("=", 1)
+            configs.append((name, json.loads(js)))
+        elif c in CONFIGS:
+            configs.append((c, CONFIGS[c]))
+        else:
+            ap.error(f"unknown --config {c!r}: one of {', '.join(CONFIGS)}, or NAME=JSON overrides")
     torch.set_num_threads(args.threads)
     info = bdata.prepare(args.dataset, Path(args.cache), device=args.device)
     args.foundation_name = args.foundation
@@ -217,12 +226,7 @@ def main() -> None:
     if args.prepare_only:
         print(f"{args.dataset}: teacher {info['teacher_acc']:.1%} on {len(info['test_y'])} held-out images")
         return
-    for c in args.config or ["default"]:
-        if "=" in c:
-            name, js = c.split("=", 1)
-            overrides = json.loads(js)
-        else:
-            name, overrides = c, CONFIGS[c]
+    for name, overrides in configs:
         res = run(args, name, overrides, info)
         bdata.emit(res, args.out)
 
