@@ -111,6 +111,7 @@ def test_compare_joins_a_run_trained_in_parts_seed_after_seed(tmp_path, capsys):
     assert line[3] == "57.0 ± 5.3"  # the bundle arm over six seeds (population s.d.)
     assert line[7] == "+31.0 (0.6)"  # bundle - hard on the seeds both have (0-2): 30, 31, 32
     assert line[8] == "-1.0 (0.5)"  # IOR over six seeds: -1, 0, 1, -2, -2, -2 (s.d. 1.26)
+    assert line[9] == "1.03"  # bundle/teacher on seeds 0-2: 62.0 / 60.0 (over six seeds it would be 0.95)
 
 
 def test_aligned_pairs_rows_by_seed_not_by_position():

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import images_sha256  # noqa: E402
+
 import data as bdata  # noqa: E402
 
 ap = argparse.ArgumentParser()
@@ -28,6 +30,8 @@ ap.add_argument("--over", default="{}")
 ap.add_argument("--arms", default="bundle,random")
 ap.add_argument("--seeds", type=int, default=3)
 ap.add_argument("--out", default="-")
+ap.add_argument("--foundation", help="the base build's foundation: a pretrained preset (clip32, clip64) or a spec "
+                "string (default: the dataset's random-weight tiny ViT, as sweep.py)")
 ap.add_argument("--reselect", action="store_true",
                 help="also redo the image selection (for options such as --factor that the checkpoint records): "
                      "the copied checkpoint keeps only its distillation")
@@ -35,6 +39,9 @@ a = ap.parse_args()
 torch.set_num_threads(1)
 cache = Path(os.environ.get("HELLOFMT_BENCH_CACHE", "/tmp/hellofmt-defaults"))
 info = bdata.prepare(a.dataset, cache, device="cpu")
+fnd = a.foundation or info["foundation"]
+if fnd in bdata.PRETRAINED:
+    fnd = bdata.pretrained_foundation(fnd, cache)
 over = json.loads(a.over)
 out = cache / "bundles" / f"{a.dataset}-{a.name}"
 ck = Path(str(out) + ".ckpt")
@@ -51,14 +58,20 @@ if not (out / "hellofmt.json").is_file():
     if a.reselect:  # keep the distilled deltas; the build record and the selection are made anew
         for f in [ck / "build.json", *ck.glob("images*")]:
             f.unlink()
-    build_bundle(str(info["train"]), info["teacher_spec"], info["foundation"], out, overwrite=True, progress=False,
+    build_bundle(str(info["train"]), info["teacher_spec"], fnd, out, overwrite=True, progress=False,
                  ipc=10, device="cpu", seed=0, keep_checkpoints=True, checkpoint_dir=str(ck), resume=True, **over)
 build_s = time.perf_counter() - t0
-m = DistilledDataset(str(out), device="cpu").manifest.metrics
+ds = DistilledDataset(str(out), device="cpu")
+m = ds.manifest.metrics
+t1 = time.perf_counter()
 ev = evaluate(str(out), str(info["test"]), arms=a.arms, teacher=info["teacher_spec"], train_data=str(info["train"]),
               seeds=a.seeds, device="cpu", progress=False)
+eval_s = time.perf_counter() - t1
 d = ev.to_dict()
+# the fields compare.py reads, as sweep.py writes them
 res = {"dataset": a.dataset, "config": a.name, "overrides": over, "build_s": round(build_s, 1),
+       "eval_s": round(eval_s, 1), "first_seed": 0, "foundation": a.foundation or Path(fnd).name,
+       "images_sha256": images_sha256(ds), "distill_steps": m.get("distill.steps"),
        "agreement_heldout": m.get("fidelity.heldout.top1_agreement"),
        "agreement_synthetic": m.get("fidelity.synthetic.top1_agreement"),
        "kl_synthetic": m.get("fidelity.synthetic.kl"), "adapt_train_agreement": m.get("adapt.train_agreement"),

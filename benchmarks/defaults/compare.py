@@ -16,7 +16,7 @@ before that field, the hash is computed from the row's bundle in ``--cache``). A
 such partner shows ``-`` for what it lacks.
 
 Rows of one run trained in parts (``sweep.py --first-seed``) are joined first, seed after seed; paired figures
-use the seeds both sides have (a 16-seed bundle arm against an 8-seed hard arm: seeds 0-7).
+and bundle/teacher use the seeds both sides have (a 16-seed bundle arm against an 8-seed hard arm: seeds 0-7).
 """
 
 from __future__ import annotations
@@ -96,6 +96,12 @@ def vs_ref(arm: list[float], row: dict, ref: dict, name: str) -> str:
     return fmt_pair(paired(*aligned(arm, row.get("first_seed", 0), ref["arms"][name], ref.get("first_seed", 0))))
 
 
+def ratio(b: list[float], t: list[float]) -> str:
+    """bundle/teacher on the seeds both arms have (both start at the row's first seed)."""
+    n = min(len(b), len(t))
+    return f"{np.mean(b[:n]) / np.mean(t[:n]):.2f}"
+
+
 def fmt_arm(v: list[float] | None) -> str:
     return "-" if not v else f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"
 
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                  "-" if agree is None else f"{100 * agree:.1f}",
                  fmt_arm(b), fmt_arm(h), fmt_arm(t), fmt_arm(rnd),
                  fmt_pair(paired(b, h) if b and h else None), fmt_pair(paired(b, rnd) if b and rnd else None),
-                 f"{np.mean(b) / np.mean(t):.2f}" if b and t else "-",
+                 ratio(b, t) if b and t else "-",
                  vs_ref(b, r, ref, "bundle") if ref and ref is not r else "",
                  vs_ref(rnd, r, ref, "random") if ref and ref is not r and rnd else ""]
         print("| " + " | ".join(cells) + " |")
