@@ -128,3 +128,7 @@ def test_sweep_refuses_an_unknown_config_before_any_work(tmp_path):
                         "--cache", str(tmp_path), "--prepare-only"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "unknown --config 'nope'" in r.stderr and "NAME=JSON" in r.stderr
     assert list(tmp_path.iterdir()) == []  # no data made, no teacher trained
+    r = subprocess.run([sys.executable, str(DEFAULTS / "sweep.py"), "--dataset", "shapes32", "--config", "x={bad",
+                        "--cache", str(tmp_path), "--prepare-only"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--config x=...: the overrides are not JSON" in r.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -36,13 +36,16 @@ ap.add_argument("--reselect", action="store_true",
                 help="also redo the image selection (for options such as --factor that the checkpoint records): "
                      "the copied checkpoint keeps only its distillation")
 a = ap.parse_args()
+try:
+    over = json.loads(a.over)
+except json.JSONDecodeError as e:
+    ap.error(f"--over is not JSON ({e}): write it as --over '{{\"adapt_steps\": 2000}}'")
 torch.set_num_threads(1)
 cache = Path(os.environ.get("HELLOFMT_BENCH_CACHE", "/tmp/hellofmt-defaults"))
 info = bdata.prepare(a.dataset, cache, device="cpu")
 fnd = a.foundation or info["foundation"]
 if fnd in bdata.PRETRAINED:
     fnd = bdata.pretrained_foundation(fnd, cache)
-over = json.loads(a.over)
 out = cache / "bundles" / f"{a.dataset}-{a.name}"
 ck = Path(str(out) + ".ckpt")
 from hellofmt import build_bundle, evaluate  # noqa: E402

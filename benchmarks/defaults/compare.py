@@ -83,9 +83,10 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
         merged = {**parts[0], "arms": {k: list(v) for k, v in parts[0]["arms"].items()}}
         first = merged.get("first_seed", 0)
         for p in parts[1:]:
+            start = p.get("first_seed", 0) - first  # the seeds an arm must already have for this part to follow
             for k, v in p["arms"].items():
                 have = merged["arms"].get(k, [])
-                if v and len(have) == p.get("first_seed", 0) - first and (have or p.get("first_seed", 0) == first):
+                if v and len(have) == start:
                     merged["arms"][k] = have + list(v)
         out.append(merged)
     return out

@@ -213,7 +213,10 @@ def main() -> None:
     for c in args.config or ["default"]:
         if "=" in c:
             name, js = c.split("=", 1)
-            configs.append((name, json.loads(js)))
+            try:
+                configs.append((name, json.loads(js)))
+            except json.JSONDecodeError as e:
+                ap.error(f"--config {name}=...: the overrides are not JSON ({e}): write them as NAME='{{\"rank\": 8}}'")
         elif c in CONFIGS:
             configs.append((c, CONFIGS[c]))
         else:

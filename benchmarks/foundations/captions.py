@@ -55,14 +55,19 @@ def _article(phrase: str) -> str:
     return phrase  # templates carry their own article ("a {}"), like CLIP's ImageNet prompts
 
 
-def find_fonts(extra_dirs: Sequence[str] = ()) -> list[str]:
-    """Every TrueType/OpenType font file under the usual system folders (and ``extra_dirs``), sorted,
-    without colour-bitmap emoji fonts (Pillow renders those at one size only)."""
+def _font_files(extra_dirs: Sequence[str] = ()) -> set[str]:
+    """Every TrueType/OpenType font file under the usual system folders (and ``extra_dirs``)."""
     found: set[str] = set()
     for root in ("/usr/share/fonts", "/usr/local/share/fonts", os.path.expanduser("~/.fonts"), *extra_dirs):
         for ext in ("ttf", "otf", "TTF", "OTF"):
             found.update(glob.glob(os.path.join(root, "**", f"*.{ext}"), recursive=True))
-    return sorted(f for f in found if "emoji" not in os.path.basename(f).lower())
+    return found
+
+
+def find_fonts(extra_dirs: Sequence[str] = ()) -> list[str]:
+    """Every font file of :func:`_font_files`, sorted, without colour-bitmap emoji fonts (Pillow renders
+    those at one size only; the ``emoji`` source has them)."""
+    return sorted(f for f in _font_files(extra_dirs) if "emoji" not in os.path.basename(f).lower())
 
 
 def _background(rng: np.random.Generator, s: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
@@ -258,8 +263,8 @@ class Shapes:
         return img, phrase
 
 
-# Code points whose emoji have a one-word-or-more Unicode name worth a caption: pictographs, faces,
-# transport, supplemental symbols, and the older miscellaneous symbols and dingbats.
+# The blocks whose emoji have a name worth a caption: pictographs, faces, transport, supplemental
+# symbols, and the older miscellaneous symbols and dingbats.
 EMOJI_RANGES = ((0x1F300, 0x1F5FF), (0x1F600, 0x1F64F), (0x1F680, 0x1F6FF), (0x1F900, 0x1F9FF),
                 (0x1FA70, 0x1FAFF), (0x2600, 0x27BF))
 # Names that are not things (skin-tone modifiers, flag letters) or that would caption a digit or a
@@ -268,12 +273,8 @@ EMOJI_SKIP = ("EMOJI MODIFIER", "REGIONAL INDICATOR", "DIGIT", "LETTER", "NUMBER
 
 
 def find_emoji_fonts(extra_dirs: Sequence[str] = ()) -> list[str]:
-    """Colour emoji font files (``emoji`` in the file name) under the usual system folders."""
-    found: set[str] = set()
-    for root in ("/usr/share/fonts", "/usr/local/share/fonts", os.path.expanduser("~/.fonts"), *extra_dirs):
-        for ext in ("ttf", "otf", "TTF", "OTF"):
-            found.update(glob.glob(os.path.join(root, "**", f"*.{ext}"), recursive=True))
-    return sorted(f for f in found if "emoji" in os.path.basename(f).lower())
+    """Colour emoji font files (``emoji`` in the file name) of :func:`_font_files`, sorted."""
+    return sorted(f for f in _font_files(extra_dirs) if "emoji" in os.path.basename(f).lower())
 
 
 class Emoji:
