@@ -202,6 +202,25 @@ def test_default_image_size_follows_small_source_images(tmp_path):
     assert (m.images.height, m.images.width) == (32, 32)
 
 
+def test_whole_image_selection_keeps_the_originals_pixels(env):
+    """Below 128 px the defaults keep whole images (factor 1, --select-scale 1 1): a kept image is the
+    original itself when it is already at the image size (read at that size, not enlarged by 8/7 and
+    shrunk back, which blurred edges and textures), as the eval's random arm reads real images."""
+    from hellofmt.bundle import Bundle
+
+    res = _build(env, factor=None, ipc=2)
+    b = Bundle.open(res.path)
+    assert b.manifest.provenance.build_args["select_scale"] == [1.0, 1.0]
+    originals = {np.asarray(Image.open(f).convert("RGB")).tobytes() for f in env["data"].rglob("*.png")}
+    images, _ = b.read_images()
+    assert images.shape[0] == 6
+    for img in images:
+        assert img.permute(1, 2, 0).numpy().tobytes() in originals
+    # --load-size still wins: read at 36 px and resampled to 32, no kept image is an original any more
+    images, _ = Bundle.open(_build(env, out_name="b2", factor=None, ipc=2, load_size=36).path).read_images()
+    assert not any(img.permute(1, 2, 0).numpy().tobytes() in originals for img in images)
+
+
 def test_default_image_size_rule():
     from hellofmt.builder.config import default_image_size
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hellofmt.builder.config import BuildConfig
-from hellofmt.builder.images import distinct_first, kmeans, rded_images
+from hellofmt.builder.images import distinct_first, kmeans, rded_images, selection_load_size
 from hellofmt.builder.inputs import TensorData
 from hellofmt.errors import BuildInputError
 
@@ -70,6 +70,13 @@ def test_confidence_keeps_the_teachers_surest_images():
     red = imgs[:, 0].float().mean((1, 2)) / 255
     assert (red[labels == 1] > 0.6).all() and (red[labels == 0] < 0.3).all()
     assert stats["init_teacher_confidence"] > 0.9
+
+
+def test_selection_load_size():
+    assert selection_load_size(None, 64, (1.0, 1.0)) == 64  # whole images: read once, at the image size
+    assert selection_load_size(None, 64, (0.25, 1.0)) == 73  # crops: an 8/7 margin, as the distillation
+    assert selection_load_size(None, 224, (0.08, 1.0)) == 256
+    assert selection_load_size(80, 64, (1.0, 1.0)) == 80  # --load-size wins
 
 
 def test_unknown_selection_is_refused_naming_the_option():

@@ -29,6 +29,7 @@ ap.add_argument("--name", required=True)
 ap.add_argument("--over", default="{}")
 ap.add_argument("--arms", default="bundle,random")
 ap.add_argument("--seeds", type=int, default=3)
+ap.add_argument("--first-seed", type=int, default=0, help="train seeds F .. F+K-1 (hellofmt eval --first-seed)")
 ap.add_argument("--out", default="-")
 ap.add_argument("--foundation", help="the base build's foundation: a pretrained preset (clip32, clip64) or a spec "
                 "string (default: the dataset's random-weight tiny ViT, as sweep.py)")
@@ -68,12 +69,12 @@ ds = DistilledDataset(str(out), device="cpu")
 m = ds.manifest.metrics
 t1 = time.perf_counter()
 ev = evaluate(str(out), str(info["test"]), arms=a.arms, teacher=info["teacher_spec"], train_data=str(info["train"]),
-              seeds=a.seeds, device="cpu", progress=False)
+              seeds=a.seeds, first_seed=a.first_seed, device="cpu", progress=False)
 eval_s = time.perf_counter() - t1
 d = ev.to_dict()
 # the fields compare.py reads, as sweep.py writes them
 res = {"dataset": a.dataset, "config": a.name, "overrides": over, "build_s": round(build_s, 1),
-       "eval_s": round(eval_s, 1), "first_seed": 0, "foundation": a.foundation or Path(fnd).name,
+       "eval_s": round(eval_s, 1), "first_seed": a.first_seed, "foundation": a.foundation or Path(fnd).name,
        "images_sha256": images_sha256(ds), "distill_steps": m.get("distill.steps"),
        "agreement_heldout": m.get("fidelity.heldout.top1_agreement"),
        "agreement_synthetic": m.get("fidelity.synthetic.top1_agreement"),

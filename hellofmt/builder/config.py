@@ -129,7 +129,10 @@ class BuildConfig:
     image_size: int | None = option(
         None, "Synthetic image side (default: the foundation's input size, or the training images' median "
         "short side when that is smaller).", resume=True)
-    load_size: int | None = option(None, "Side original images are loaded at (default: 8/7 of --image-size).")
+    load_size: int | None = option(
+        None, "Side original images are loaded at (default: 8/7 of --image-size, the margin that random crops "
+        "use; whole-image selection, --select-scale 1 1, loads at --image-size itself, so a kept image is not "
+        "resampled twice).")
     factor: int | None = option(
         None, "Patches per side stitched into each image (default: 1 below 128 px, 2 from 128 px).", resume=True)
     selection: str = option(

@@ -395,13 +395,14 @@ def build_bundle(
                 if images is not None:
                     syn, syn_labels = pre_images, pre_labels
                 else:
-                    from .images import rded_images
+                    from .images import rded_images, selection_load_size
 
                     syn, syn_labels, st = rded_images(
                         data, ens, train_indices=train_idx, ipc=c.ipc, factor=c.factor, image_size=size,
-                        load_size=lsize, candidates=c.candidates, pool_images=c.pool_images, pool_crops=c.pool_crops,
-                        selection=c.selection, scale=tuple(c.select_scale), embed=_embedder(projector), device=dev,
-                        seed=c.seed, num_workers=c.num_workers, world=world, progress=progress)
+                        load_size=selection_load_size(c.load_size, size, c.select_scale), candidates=c.candidates,
+                        pool_images=c.pool_images, pool_crops=c.pool_crops, selection=c.selection,
+                        scale=tuple(c.select_scale), embed=_embedder(projector), device=dev, seed=c.seed,
+                        num_workers=c.num_workers, world=world, progress=progress)
                     metrics.update({f"images.{k}": v for k, v in st.items()})
                 store.save("images", 0, params={"images": syn, "labels": syn_labels}, done=True)  # rank 0 writes
 
