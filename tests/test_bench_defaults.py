@@ -85,6 +85,36 @@ def test_compare_fills_the_image_arms_from_the_row_with_the_same_images(tmp_path
     assert other[4] == "-" and other[5] == "-" and other[7] == "-"  # other images: no partner
 
 
+def test_compare_takes_the_random_arm_from_the_row_with_the_same_projector(tmp_path, capsys):
+    """A selection redone on a kept projector (adapt.py --reselect --arms bundle) has no random arm of its
+    own: it is the one of the row whose projector deltas are the same, hashed from the bundles' tensors."""
+    from safetensors.torch import save_file
+
+    compare = _load_data("compare")
+    bundles = tmp_path / "bundles"
+    for name, value in (("s-ref-k1", 1.0), ("s-resel", 1.0), ("s-other-k2", 2.0)):
+        (bundles / name).mkdir(parents=True)
+        (bundles / name / "hellofmt.json").write_text('{"foundation": "f"}')
+        save_file({"a": torch.full((2, 2), value), "b": torch.zeros(3)}, str(bundles / name / "projector.safetensors"))
+    assert compare.projector_sha256(bundles / "s-ref-k1") == compare.projector_sha256(bundles / "s-resel")
+    assert compare.projector_sha256(bundles / "s-ref-k1") != compare.projector_sha256(bundles / "s-other-k2")
+    base = {"dataset": "s", "foundation": "f", "eval_s": 1.0, "agreement_heldout": 0.9, "overrides": {}}
+    rows = [
+        {**base, "config": "ref", "images_sha256": "aa",
+         "arms": {"bundle": [0.60, 0.62], "hard": [0.3, 0.3], "teacher": [0.6, 0.6], "random": [0.61, 0.64]}},
+        {**base, "config": "other", "images_sha256": "cc", "arms": {"bundle": [0.5, 0.5], "random": [0.1, 0.1]}},
+        {**base, "config": "resel", "images_sha256": "bb", "arms": {"bundle": [0.63, 0.66]}},
+    ]
+    f = tmp_path / "r.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    compare.main([str(f), "--dataset", "s", "--reference", "ref", "--cache", str(tmp_path)])
+    lines = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
+    resel = lines["resel"]
+    assert resel[6] == "62.5 ± 1.5"  # ref's random arm, not other's
+    assert resel[8] == "+2.0 (0.0)"  # IOR per seed: 63 - 61, 66 - 64
+    assert resel[4] == "-"  # other images: no hard arm to borrow
+
+
 def test_compare_joins_a_run_trained_in_parts_seed_after_seed(tmp_path, capsys):
     compare = _load_data("compare")
     base = {"dataset": "s", "foundation": "f", "eval_s": 1.0, "agreement_heldout": 0.9, "config": "default",

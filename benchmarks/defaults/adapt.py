@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import images_sha256  # noqa: E402
+from compare import images_sha256, projector_sha256  # noqa: E402
 
 import data as bdata  # noqa: E402
 
@@ -75,7 +75,8 @@ d = ev.to_dict()
 # the fields compare.py reads, as sweep.py writes them
 res = {"dataset": a.dataset, "config": a.name, "overrides": over, "build_s": round(build_s, 1),
        "eval_s": round(eval_s, 1), "first_seed": a.first_seed, "foundation": a.foundation or Path(fnd).name,
-       "images_sha256": images_sha256(ds), "distill_steps": m.get("distill.steps"),
+       "images_sha256": images_sha256(ds), "projector_sha256": projector_sha256(out),
+       "distill_steps": m.get("distill.steps"),
        "agreement_heldout": m.get("fidelity.heldout.top1_agreement"),
        "agreement_synthetic": m.get("fidelity.synthetic.top1_agreement"),
        "kl_synthetic": m.get("fidelity.synthetic.kl"), "adapt_train_agreement": m.get("adapt.train_agreement"),

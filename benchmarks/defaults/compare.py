@@ -12,8 +12,11 @@ change is the labels' alone), each with its paired standard error.
 
 A row run with ``--arms bundle,random`` (a lever that keeps the images) takes its hard and teacher arms from
 the row of the same set and foundation whose images are the same (``images_sha256``; for rows written
-before that field, the hash is computed from the row's bundle in ``--cache``). A row whose images have no
-such partner shows ``-`` for what it lacks.
+before that field, the hash is computed from the row's bundle in ``--cache``). Likewise a row without a
+random arm (a selection redone on a kept projector, ``adapt.py --reselect --arms bundle``) takes it from the
+row whose projector is the same (``projector_sha256``, or computed from the bundle): the random arm trains on
+the seed's random real images labelled by that projector, so it depends on nothing else. A row with no such
+partner shows ``-`` for what it lacks.
 
 Rows of one run trained in parts (``sweep.py --first-seed``) are joined first, seed after seed; paired figures
 and bundle/teacher use the seeds both sides have (a 16-seed bundle arm against an 8-seed hard arm: seeds 0-7).
@@ -39,20 +42,48 @@ def images_sha256(ds) -> str:
                           + ds.targets.cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def projector_sha256(bundle: str | os.PathLike) -> str:
+    """A short sha256 of a bundle's projector deltas (tensor names and values, not the file's bytes,
+    whose header order varies): equal for two bundles whose projectors label every view the same."""
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    with safe_open(str(Path(bundle) / "projector.safetensors"), framework="pt") as f:
+        for k in sorted(f.keys()):
+            h.update(k.encode() + f.get_tensor(k).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _bundle_dirs(row: dict, cache: Path) -> list[Path]:
+    """The row's bundle in ``cache``: ``bundles/{dataset}-{config}-*`` (sweep.py) or ``-{config}`` (adapt.py),
+    whose ``hellofmt.json`` records the row's foundation."""
+    stem, found = f"{row['dataset']}-{row['config']}", []
+    for d in sorted((cache / "bundles").glob(f"{stem}*")):
+        if (d.name != stem and not d.name.startswith(stem + "-")) or not (d / "hellofmt.json").is_file():
+            continue
+        if row.get("foundation") and row["foundation"] not in (d / "hellofmt.json").read_text():
+            continue
+        found.append(d)
+    return found
+
+
 def images_hash(row: dict, cache: Path) -> str | None:
-    """The row's ``images_sha256``, or the same hash computed from its bundle in ``cache`` (first match of
-    ``bundles/{dataset}-{config}-*`` whose ``hellofmt.json`` records the row's foundation)."""
+    """The row's ``images_sha256``, or the same hash computed from its bundle in ``cache``."""
     if row.get("images_sha256"):
         return row["images_sha256"]
     from hellofmt.dataset import DistilledDataset
 
-    for d in sorted((cache / "bundles").glob(f"{row['dataset']}-{row['config']}-*")):
-        if d.suffix == ".ckpt" or not (d / "hellofmt.json").is_file():
-            continue
-        if row.get("foundation") and row["foundation"] not in (d / "hellofmt.json").read_text():
-            continue
-        ds = DistilledDataset(str(d), device="cpu")
-        return images_sha256(ds)
+    for d in _bundle_dirs(row, cache):
+        return images_sha256(DistilledDataset(str(d), device="cpu"))
+    return None
+
+
+def projector_hash(row: dict, cache: Path) -> str | None:
+    """The row's ``projector_sha256``, or the same hash computed from its bundle in ``cache``."""
+    if row.get("projector_sha256"):
+        return row["projector_sha256"]
+    for d in _bundle_dirs(row, cache):
+        return projector_sha256(d)
     return None
 
 
@@ -126,9 +157,19 @@ def main(argv: list[str] | None = None) -> None:
             and (args.foundation is None or r.get("foundation") == args.foundation)]
     for r in rows:
         r["images_sha256"] = images_hash(r, args.cache)
+        if not r["arms"].get("random"):
+            r["projector_sha256"] = projector_hash(r, args.cache)
     rows = merge_seeds(rows)
     shown = rows if not args.only else [r for c in args.only for r in rows if r["config"] == c]
     full = {r["images_sha256"]: r for r in rows if all(r["arms"].get(k) for k in ("hard", "teacher"))}
+    # rows that lack a random arm look for one with the same projector; only those rows are hashed
+    want = {r["projector_sha256"] for r in rows if not r["arms"].get("random") and r.get("projector_sha256")}
+    labelled = {}
+    for r in rows:
+        if r["arms"].get("random") and want:
+            h = projector_hash(r, args.cache)
+            if h in want and h not in labelled:
+                labelled[h] = r
     ref = next((r for r in rows if r["config"] == args.reference), None)
     print(f"| {args.dataset} config | overrides | agreement | bundle | hard | teacher | random | b - h (s.e.) "
           f"| IOR (s.e.) | b/t | bundle vs {args.reference} | random vs {args.reference} |")
@@ -139,6 +180,8 @@ def main(argv: list[str] | None = None) -> None:
         for k in ("hard", "teacher"):
             if not arms.get(k) and partner is not None:
                 arms[k] = partner["arms"][k]
+        if not arms.get("random") and r.get("projector_sha256") in labelled:
+            arms["random"] = labelled[r["projector_sha256"]]["arms"]["random"]
         b, h, t, rnd = (arms.get(k) for k in ("bundle", "hard", "teacher", "random"))
         agree = r.get("agreement_heldout")
         cells = [r["config"], json.dumps(r["overrides"]) if r["overrides"] else "(defaults)",

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import images_sha256  # noqa: E402
+from compare import images_sha256, projector_sha256  # noqa: E402
 
 import data as bdata  # noqa: E402
 
@@ -176,7 +176,7 @@ def run(args, name: str, overrides: dict, info: dict) -> dict:
            "agreement_heldout": m.get("fidelity.heldout.top1_agreement"),
            # Arms other than bundle and random depend on the images alone: rows with the same images_sha256
            # share them (run with --arms bundle,random and pair with the row that has them).
-           "images_sha256": images_sha256(ds),
+           "images_sha256": images_sha256(ds), "projector_sha256": projector_sha256(out),
            "distill_steps": m.get("distill.steps"), "init_teacher_top1": m.get("images.init_teacher_top1"),
            "arms": {k: [round(v, 4) for v in vs] for k, vs in arms.items()},
            "mean": {k: round(float(np.mean(v)), 4) for k, v in arms.items()},
