@@ -113,6 +113,10 @@ def test_compare_takes_the_random_arm_from_the_row_with_the_same_projector(tmp_p
     assert resel[6] == "62.5 ± 1.5"  # ref's random arm, not other's
     assert resel[8] == "+2.0 (0.0)"  # IOR per seed: 63 - 61, 66 - 64
     assert resel[4] == "-"  # other images: no hard arm to borrow
+    # the borrowed arm also serves as the reference's: rows compare against it
+    compare.main([str(f), "--dataset", "s", "--reference", "resel", "--cache", str(tmp_path)])
+    lines = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in capsys.readouterr().out.splitlines()}
+    assert lines["ref"][10] == "-3.5 (0.5)" and lines["ref"][11].startswith("+0.0 (0.0)")
 
 
 def test_compare_joins_a_run_trained_in_parts_seed_after_seed(tmp_path, capsys):

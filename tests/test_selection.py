@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hellofmt.builder.config import BuildConfig
-from hellofmt.builder.images import distinct_first, kmeans, rded_images, selection_load_size
+from hellofmt.builder.config import BuildConfig, load_side
+from hellofmt.builder.images import distinct_first, kmeans, rded_images
 from hellofmt.builder.inputs import TensorData
 from hellofmt.errors import BuildInputError
 
@@ -72,11 +72,11 @@ def test_confidence_keeps_the_teachers_surest_images():
     assert stats["init_teacher_confidence"] > 0.9
 
 
-def test_selection_load_size():
-    assert selection_load_size(None, 64, (1.0, 1.0)) == 64  # whole images: read once, at the image size
-    assert selection_load_size(None, 64, (0.25, 1.0)) == 73  # crops: an 8/7 margin, as the distillation
-    assert selection_load_size(None, 224, (0.08, 1.0)) == 256
-    assert selection_load_size(80, 64, (1.0, 1.0)) == 80  # --load-size wins
+def test_load_side():
+    assert load_side(None, 64, (1.0, 1.0)) == 64  # whole images: read once, at the image size
+    assert load_side(None, 64, (0.25, 1.0)) == 73  # crops: RDED's 8/7 margin
+    assert load_side(None, 224, (0.08, 1.0)) == 256
+    assert load_side(80, 64, (1.0, 1.0)) == 80  # --load-size wins
 
 
 def test_unknown_selection_is_refused_naming_the_option():

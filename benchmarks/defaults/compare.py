@@ -123,9 +123,12 @@ def merge_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
-def vs_ref(arm: list[float], row: dict, ref: dict, name: str) -> str:
-    """An arm of ``row`` against the same arm of the reference row, paired on the seeds both have."""
-    return fmt_pair(paired(*aligned(arm, row.get("first_seed", 0), ref["arms"][name], ref.get("first_seed", 0))))
+def vs_ref(arm: list[float], row: dict, ref: dict, ref_arm: list[float] | None) -> str:
+    """An arm of ``row`` against the same arm of the reference row (``ref_arm``, filled from its partners),
+    paired on the seeds both have; ``-`` when the reference lacks it."""
+    if not ref_arm:
+        return "-"
+    return fmt_pair(paired(*aligned(arm, row.get("first_seed", 0), ref_arm, ref.get("first_seed", 0))))
 
 
 def ratio(b: list[float], t: list[float]) -> str:
@@ -170,11 +173,9 @@ def main(argv: list[str] | None = None) -> None:
             h = projector_hash(r, args.cache)
             if h in want and h not in labelled:
                 labelled[h] = r
-    ref = next((r for r in rows if r["config"] == args.reference), None)
-    print(f"| {args.dataset} config | overrides | agreement | bundle | hard | teacher | random | b - h (s.e.) "
-          f"| IOR (s.e.) | b/t | bundle vs {args.reference} | random vs {args.reference} |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in shown:
+
+    def filled(r: dict) -> dict:
+        """The row's arms, with those it lacks taken from its partners (same images, same projector)."""
         arms = dict(r["arms"])
         partner = full.get(r["images_sha256"])
         for k in ("hard", "teacher"):
@@ -182,6 +183,15 @@ def main(argv: list[str] | None = None) -> None:
                 arms[k] = partner["arms"][k]
         if not arms.get("random") and r.get("projector_sha256") in labelled:
             arms["random"] = labelled[r["projector_sha256"]]["arms"]["random"]
+        return arms
+
+    ref = next((r for r in rows if r["config"] == args.reference), None)
+    ref_arms = filled(ref) if ref else {}
+    print(f"| {args.dataset} config | overrides | agreement | bundle | hard | teacher | random | b - h (s.e.) "
+          f"| IOR (s.e.) | b/t | bundle vs {args.reference} | random vs {args.reference} |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in shown:
+        arms = filled(r)
         b, h, t, rnd = (arms.get(k) for k in ("bundle", "hard", "teacher", "random"))
         agree = r.get("agreement_heldout")
         cells = [r["config"], json.dumps(r["overrides"]) if r["overrides"] else "(defaults)",
@@ -189,8 +199,8 @@ def main(argv: list[str] | None = None) -> None:
                  fmt_arm(b), fmt_arm(h), fmt_arm(t), fmt_arm(rnd),
                  fmt_pair(paired(b, h) if b and h else None), fmt_pair(paired(b, rnd) if b and rnd else None),
                  ratio(b, t) if b and t else "-",
-                 vs_ref(b, r, ref, "bundle") if ref and ref is not r else "",
-                 vs_ref(rnd, r, ref, "random") if ref and ref is not r and rnd else ""]
+                 vs_ref(b, r, ref, ref_arms.get("bundle")) if ref and ref is not r else "",
+                 vs_ref(rnd, r, ref, ref_arms.get("random")) if ref and ref is not r and rnd else ""]
         print("| " + " | ".join(cells) + " |")
 
 

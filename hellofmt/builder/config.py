@@ -34,7 +34,7 @@ from ..errors import BuildInputError, HellofmtError
 from ..manifest import CODECS, DELTA_ENCODINGS, MIX_MODES
 
 __all__ = ["LOSSES", "SELECTIONS", "RESUME_FIELDS", "BuildConfig", "auto_num_workers", "bad_image_limit",
-           "click_options", "default_image_size", "option", "option_name"]
+           "click_options", "default_image_size", "load_side", "option", "option_name"]
 
 LOSSES = ("kl", "mse")
 SELECTIONS = ("confidence", "kmeans", "random")
@@ -130,9 +130,9 @@ class BuildConfig:
         None, "Synthetic image side (default: the foundation's input size, or the training images' median "
         "short side when that is smaller).", resume=True)
     load_size: int | None = option(
-        None, "Side original images are loaded at (default: 8/7 of --image-size, the margin that random crops "
-        "use; whole-image selection, --select-scale 1 1, loads at --image-size itself, so a kept image is not "
-        "resampled twice).")
+        None, "Side original images are read at, for the distillation's views, the selection and the held-out "
+        "views (default: --image-size itself for whole-image builds, --select-scale 1 1, the default below "
+        "128 px, so that kept images are the originals; 8/7 of --image-size for builds from crops).")
     factor: int | None = option(
         None, "Patches per side stitched into each image (default: 1 below 128 px, 2 from 128 px).", resume=True)
     selection: str = option(
@@ -346,6 +346,21 @@ class BuildConfig:
         """
         _refuse_unknown(changes)
         return dataclasses.replace(self, **changes)
+
+
+def load_side(load_size: int | None, image_size: int, select_scale) -> int:
+    """The side the build reads original images at (distillation views, selection, held-out views):
+    ``--load-size`` when given; otherwise, for whole-image builds (``select_scale`` starting at 1, the
+    default below 128 px), ``image_size`` itself: a kept image is the original resized once, as the
+    eval's random arm reads real images (not enlarged by 8/7 and shrunk back, which blurred edges and
+    textures), and the distillation's random crops are crops of the same images a student's views
+    come from (measured: benchmarks/README.md, "The kept images were resampled twice"). Builds from
+    crops (128 px and up) keep RDED's 8/7 margin."""
+    if load_size:
+        return int(load_size)
+    if float(select_scale[0]) >= 1.0:
+        return int(image_size)
+    return max(int(image_size), round(image_size * 8 / 7))
 
 
 # The options a resumed build must share with the run that wrote the checkpoints.

@@ -8,7 +8,7 @@ classifies correctly, clustered in the distilled projector's embedding space, on
 nearest its centre: coverage of the class rather than its easiest examples) and ``random``. At
 most one candidate per source image is kept while there are enough sources. Below 128 px the
 defaults keep whole images (``factor`` 1, ``select_scale`` (1, 1)), read once at the image size
-(:func:`selection_load_size`); the student measurements behind that are in benchmarks/README.md.
+(:func:`.config.load_side`); the student measurements behind that are in benchmarks/README.md.
 
 The candidate pool is RDED's images per class x crops per image (:func:`candidate_pool`; by default
 ``--candidates`` candidates per kept patch). Under torchrun the classes are split across ranks and the
@@ -29,7 +29,7 @@ from .dist import World, all_gather_blocks, all_gather_json
 from .inputs import ImageFolder, TensorData, data_labels, load_all, scan_image_folder
 
 __all__ = ["SELECTIONS", "candidate_pool", "class_generator", "distinct_first", "images_from_folder", "kmeans",
-           "rded_images", "selection_load_size", "stitch"]
+           "rded_images", "stitch"]
 
 
 def images_from_folder(
@@ -156,18 +156,6 @@ def class_generator(seed: int, c: int) -> torch.Generator:
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + (c + 1) * 15_485_863 + 7) % (2**63 - 1))
     return g
-
-
-def selection_load_size(load_size: int | None, image_size: int, scale) -> int:
-    """The side the selection loads original images at: ``--load-size`` when given; otherwise
-    ``image_size`` itself for whole-image candidates (``scale`` starting at 1: a kept image is the
-    original resized once, as the eval's random arm loads it, not enlarged by 8/7 and shrunk back, which
-    blurs edges and textures), and 8/7 of it for crops (a margin, as the distillation's views)."""
-    if load_size:
-        return int(load_size)
-    if float(scale[0]) >= 1.0:
-        return int(image_size)
-    return max(int(image_size), round(image_size * 8 / 7))
 
 
 def candidate_pool(class_size: int, need: int, candidates: int, *, pool_images: int | None = None,

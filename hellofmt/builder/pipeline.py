@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import BuildError, BuildInputError
 from ..manifest import Head, LabelRecipe, Manifest, Provenance
 from .checkpoint import CheckpointStore
-from .config import RESUME_FIELDS, BuildConfig, auto_num_workers, bad_image_limit, default_image_size
+from .config import RESUME_FIELDS, BuildConfig, auto_num_workers, bad_image_limit, default_image_size, load_side
 from .dist import init_world
 from .distill import DistillConfig, distill_projector
 from .hfdata import HFData, hf_source, open_hf_data
@@ -356,7 +356,7 @@ def build_bundle(
             # their headers also decide the default side (the images' own, when below the foundation's)
             size = c.image_size or default_image_size(int(fnd.image_size), source_side(data, probe_idx))
             c = c.resolved(size)  # the size-dependent defaults (factor, crop scales), recorded as used
-            lsize = c.load_size or max(size, round(size * 8 / 7))
+            lsize = load_side(c.load_size, size, c.select_scale)  # the image side itself for whole-image builds
             if c.num_workers is None:  # auto (recorded as used): none for in-memory data, see auto_num_workers
                 c = c.replace(num_workers=0 if isinstance(data, TensorData) else auto_num_workers(len(train_idx)))
             probe_imgs, _ = load_all(data, probe_idx, lsize)
@@ -395,11 +395,11 @@ def build_bundle(
                 if images is not None:
                     syn, syn_labels = pre_images, pre_labels
                 else:
-                    from .images import rded_images, selection_load_size
+                    from .images import rded_images
 
                     syn, syn_labels, st = rded_images(
                         data, ens, train_indices=train_idx, ipc=c.ipc, factor=c.factor, image_size=size,
-                        load_size=selection_load_size(c.load_size, size, c.select_scale), candidates=c.candidates,
+                        load_size=lsize, candidates=c.candidates,
                         pool_images=c.pool_images, pool_crops=c.pool_crops, selection=c.selection,
                         scale=tuple(c.select_scale), embed=_embedder(projector), device=dev, seed=c.seed,
                         num_workers=c.num_workers, world=world, progress=progress)
