@@ -91,6 +91,7 @@ def test_size_dependent_defaults():
     large = BuildConfig(ipc=1).resolved(224)
     assert (small.factor, small.select_scale, small.scale) == (1, (1.0, 1.0), (0.25, 1.0))
     assert (large.factor, large.select_scale, large.scale) == (2, (0.25, 1.0), (0.08, 1.0))
+    assert (small.load_size, large.load_size) == (32, 256)  # whole images read at the side; crops at 8/7
     mine = BuildConfig(ipc=1, factor=3, scale=(0.5, 1.0), select_scale=(0.3, 0.9)).resolved(32)
     assert (mine.factor, mine.scale, mine.select_scale) == (3, (0.5, 1.0), (0.3, 0.9))
     with pytest.raises(BuildInputError) as e:

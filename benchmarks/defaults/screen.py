@@ -25,7 +25,7 @@ import data as bdata  # noqa: E402
 
 def screen(info: dict, name: str, overrides: dict, device: str) -> dict:
     from hellofmt.builder.checkpoint import CheckpointStore
-    from hellofmt.builder.config import BuildConfig, load_side
+    from hellofmt.builder.config import BuildConfig
     from hellofmt.builder.dist import World
     from hellofmt.builder.distill import DistillConfig, distill_projector
     from hellofmt.builder.fidelity import measure
@@ -37,7 +37,7 @@ def screen(info: dict, name: str, overrides: dict, device: str) -> dict:
     dev = torch.device(device)
     size = info["size"]
     c = BuildConfig(ipc=10, **overrides).resolved(size)
-    lsize = load_side(c.load_size, size, c.select_scale)  # as the build reads originals
+    lsize = c.load_size  # resolved as the build reads originals (config.load_side)
     folder = scan_image_folder(str(info["train"]))
     x, y = load_all(folder, list(range(len(folder.samples))), lsize)
     data = TensorData(x, y, list(folder.names))

@@ -328,14 +328,18 @@ class BuildConfig:
         recipe's ``scale`` (0.25, 1). From 128 px (ImageNet-sized): RDED's ``factor`` 2, candidate crops
         over (0.25, 1) and the standard (0.08, 1). Chosen by students (``hellofmt eval``) on two 32-px
         sets: crops down to 8% of a 32-px image and 2x2 mosaics of 16-px patches lost to whole images
-        on both; see benchmarks/README.md ("Build defaults chosen by students").
+        on both; see benchmarks/README.md ("Build defaults chosen by students"). ``load_size``: the side
+        originals are read at, by :func:`load_side` (the image side for whole-image builds, 8/7 of it for
+        builds from crops).
         """
         small = image_size < LARGE_IMAGE
+        select_scale = self.select_scale if self.select_scale is not None else ((1.0, 1.0) if small else (0.25, 1.0))
         return dataclasses.replace(
             self,
             factor=self.factor if self.factor is not None else (1 if small else 2),
             scale=self.scale if self.scale is not None else ((0.25, 1.0) if small else (0.08, 1.0)),
-            select_scale=self.select_scale if self.select_scale is not None else ((1.0, 1.0) if small else (0.25, 1.0)),
+            select_scale=select_scale,
+            load_size=load_side(self.load_size, image_size, select_scale),
         )
 
     def replace(self, **changes: Any) -> BuildConfig:

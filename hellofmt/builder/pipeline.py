@@ -27,7 +27,7 @@ from .. import __version__
 from ..errors import BuildError, BuildInputError
 from ..manifest import Head, LabelRecipe, Manifest, Provenance
 from .checkpoint import CheckpointStore
-from .config import RESUME_FIELDS, BuildConfig, auto_num_workers, bad_image_limit, default_image_size, load_side
+from .config import RESUME_FIELDS, BuildConfig, auto_num_workers, bad_image_limit, default_image_size
 from .dist import init_world
 from .distill import DistillConfig, distill_projector
 from .hfdata import HFData, hf_source, open_hf_data
@@ -355,8 +355,8 @@ def build_bundle(
             probe_idx = _probe_indices(labels_all, train_idx)  # one image per class, at most 64
             # their headers also decide the default side (the images' own, when below the foundation's)
             size = c.image_size or default_image_size(int(fnd.image_size), source_side(data, probe_idx))
-            c = c.resolved(size)  # the size-dependent defaults (factor, crop scales), recorded as used
-            lsize = load_side(c.load_size, size, c.select_scale)  # the image side itself for whole-image builds
+            c = c.resolved(size)  # the size-dependent defaults (factor, crop scales, load side), recorded as used
+            lsize = c.load_size  # the image side itself for whole-image builds (config.load_side)
             if c.num_workers is None:  # auto (recorded as used): none for in-memory data, see auto_num_workers
                 c = c.replace(num_workers=0 if isinstance(data, TensorData) else auto_num_workers(len(train_idx)))
             probe_imgs, _ = load_all(data, probe_idx, lsize)
